@@ -35,7 +35,7 @@ import sys
 import time
 from datetime import datetime
 
-from dsserve.core.bench.common import (
+from dsserve.bench.common import (
     describe_backends,
     format_table,
     machine_summary,
@@ -98,7 +98,7 @@ class DsserveRunner:
         extra = {k: getattr(ns, k) for k in ("chunked_prefill_size", "max_running_requests") if getattr(ns, k)}
         self.engine = Engine(model_path=model_path, device=ns.device, dtype=ns.dtype,
                              max_total_tokens=ns.max_total_tokens or max_tokens, log_level="warning", **extra)
-        from dsserve.core.bench.one_batch import prompt_id_range
+        from dsserve.bench.one_batch import prompt_id_range
 
         self.id_range = prompt_id_range(self.engine)
         self.backends = describe_backends(self.engine)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     threads = set_threads(ns.threads or machine_summary()["cpus"])
     model_path = ns.model_path
     if ns.bench_model:
-        from dsserve.core.bench.bench_model import BenchModelError, ensure_bench_model
+        from dsserve.bench.bench_model import BenchModelError, ensure_bench_model
 
         try:
             model_path = str(ensure_bench_model(ns.bench_config))

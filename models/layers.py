@@ -16,7 +16,7 @@ from dsserve.core.backends import (
     MoEBackend,
     MoESpec,
 )
-from dsserve.core.config import ModelConfig
+from dsserve.models.config import ModelConfig
 from dsserve.core.forward_batch import AttentionMetadata
 from dsserve.core.plugins import PluginRegistry
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dsserve.core.backends import AttentionSpec
-from dsserve.core.config import ModelConfig
+from dsserve.models.config import ModelConfig
 from dsserve.core.forward_batch import AttentionMetadata
 
 from .layers import (

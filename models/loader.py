@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from dsserve.core.config import ConfigError, ModelConfig
+from dsserve.models.config import ConfigError, ModelConfig
 
 from .deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .layers import DecoderOnlyLM, LayerContext, RoutedExperts

@@ -13,7 +13,7 @@ import time
 
 import httpx
 from dsserve.core.engine import Engine
-from dsserve.core.server.launch import ServerThread
+from dsserve.server.launch import ServerThread
 
 
 @contextlib.contextmanager

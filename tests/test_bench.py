@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from dsserve.core.cli import main
+from dsserve.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def dsserve_server(tmp_path_factory):
     """`dsserve --port P --dtype float32` on 127.0.0.1; skipped while the HTTP server is not built."""
     port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([sys.executable, "-m", "dsserve.core.cli", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "dsserve.cli", "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "NO_PROXY": "127.0.0.1"})
     base = f"http://127.0.0.1:{port}"
@@ -290,7 +290,7 @@ def test_offline_throughput_runs_both_engines(capsys, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bench model
 def test_bench_model_config_missing_is_a_clear_error(tmp_path, monkeypatch):
-    from dsserve.core.bench import bench_model
+    from dsserve.bench import bench_model
 
     monkeypatch.delenv("DSSERVE_BENCH_CONFIG", raising=False)
     monkeypatch.setattr(bench_model, "_candidate_config_paths", lambda: [tmp_path / "nowhere" / "x.json"])
@@ -303,7 +303,7 @@ def test_bench_model_config_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_bench_model_is_built_from_seed_0_and_reused(tmp_path):
     """The builder on a shrunken copy of the shared config: seeded, loadable by dsserve, reused."""
     import torch
-    from dsserve.core.bench import bench_model
+    from dsserve.bench import bench_model
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "reference" / bench_model.BENCH_CONFIG_NAME

@@ -13,7 +13,7 @@ from dsserve.models.loader import CheckpointError
 
 
 def dsserve(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dsserve.core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dsserve.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

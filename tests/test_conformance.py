@@ -17,7 +17,7 @@ import torch
 
 from dsserve.conformance import run_conformance
 from dsserve.conformance.runner import PACKAGE_DIR
-from dsserve.core.cli import main as dsserve_main
+from dsserve.cli import main as dsserve_main
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.plugin_report import render_plugins
 from dsserve.core.plugins import DISABLE_ENV, PluginRegistry
@@ -30,7 +30,7 @@ FAMILY_ROWS = ("attention", "moe", "linear", "communicator", "paged-kv", "end-to
 
 def _dsserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`dsserve ARGS` in a fresh interpreter (the console script's entry function)."""
-    code = "import sys; from dsserve.core.cli import main; sys.exit(main())"
+    code = "import sys; from dsserve.cli import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 

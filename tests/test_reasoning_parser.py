@@ -1,4 +1,4 @@
-"""dsserve.core.server.reasoning: <think> splitting (non-streaming and streaming) and the thinking budget."""
+"""dsserve.server.reasoning: <think> splitting (non-streaming and streaming) and the thinking budget."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from dsserve.core.server.reasoning import (
+from dsserve.server.reasoning import (
     REASONING_PARSERS,
     ReasoningParser,
     ReasoningStream,

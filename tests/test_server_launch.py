@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dsserve.core.cli import main
+from dsserve.cli import main
 
 DSSERVE = str(Path(sys.executable).parent / "dsserve")
 

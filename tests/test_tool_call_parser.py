@@ -1,4 +1,4 @@
-"""dsserve.core.server.tool_calls: DeepSeek-V3/R1 tool-call parsing, streaming, and tool_choice."""
+"""dsserve.server.tool_calls: DeepSeek-V3/R1 tool-call parsing, streaming, and tool_choice."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from dsserve.core.server.reasoning import REASONING_PARSERS
-from dsserve.core.server.tool_calls import (
+from dsserve.server.reasoning import REASONING_PARSERS
+from dsserve.server.tool_calls import (
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
     TOOL_CALL_PARSERS,

@@ -15,7 +15,7 @@ import json
 import random
 import sys
 
-from ..config import ServerArgs
+from dsserve.core.config import ServerArgs
 from .common import (
     describe_backends,
     format_table,
@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from ..engine import Engine
-    from ..sampling import SamplingParams
+    from dsserve.core.engine import Engine
+    from dsserve.core.sampling import SamplingParams
 
     for name in ("batch_size", "input_len", "output_len"):
         if any(v < 1 for v in getattr(ns, name)):

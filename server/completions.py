@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..request import RequestHandle, RequestOutput
+from dsserve.core.request import RequestHandle, RequestOutput
 from .errors import bad_request, error_body
 from .protocol import (
     CompletionChoice,

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 
-from ..config import ServerArgs
+from dsserve.core.config import ServerArgs
 
 log = logging.getLogger("dsserve")
 
@@ -113,7 +113,7 @@ async def _serve_until_stopped(server, sock: socket.socket, ready_line: str | No
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli_args(ns)
     logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
-    from ..plugins import default_registry
+    from dsserve.core.plugins import default_registry
     from .flag_checks import inactive_flag_warnings, quantization_warning
     from .serving import resolve_chat_template, served_model_name
 
@@ -122,7 +122,7 @@ def run(ns: argparse.Namespace) -> int:
     for line in inactive_flag_warnings(args, device.name):
         log.warning("warning: %s", line)
     sock = bind_socket(args.host, args.port)
-    from ..engine import Engine
+    from dsserve.core.engine import Engine
     from .app import create_app
 
     engine = Engine(**vars(args))

@@ -10,14 +10,14 @@ import argparse
 import importlib
 import sys
 
-from .config import ServerArgs
+from dsserve.core.config import ServerArgs
 
 SUBCOMMANDS = {  # name -> "module:function" adding its parser
-    "serve": "dsserve.core.server.launch:register",
-    "generate": "dsserve.core.cli:register_generate",
-    "bench": "dsserve.core.bench:register",
+    "serve": "dsserve.server.launch:register",
+    "generate": "dsserve.cli:register_generate",
+    "bench": "dsserve.bench:register",
     "conformance": "dsserve.conformance.cli:register",
-    "plugins": "dsserve.core.cli:register_plugins",
+    "plugins": "dsserve.cli:register_plugins",
 }
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser(argv[0]).parse_args(argv)
     from dsserve.models.loader import CheckpointError
 
-    from .plugins import DeviceError
+    from dsserve.core.plugins import DeviceError
 
     try:
         return ns.func(ns)
@@ -74,8 +74,8 @@ def register_plugins(sub) -> None:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    from .engine import Engine
-    from .sampling import SamplingParams
+    from dsserve.core.engine import Engine
+    from dsserve.core.sampling import SamplingParams
 
     with Engine(**vars(ServerArgs.from_cli_args(ns))) as engine:
         prompt = ns.prompt
@@ -88,8 +88,8 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _plugins(ns: argparse.Namespace) -> int:
-    from .plugin_report import render_plugins
-    from .plugins import default_registry
+    from dsserve.core.plugin_report import render_plugins
+    from dsserve.core.plugins import default_registry
 
     print(render_plugins(default_registry()))
     return 0

@@ -41,7 +41,7 @@ class BenchModelError(ValueError):
 
 
 def _candidate_config_paths() -> list[Path]:
-    repo_root = Path(__file__).resolve().parents[2]   # core/bench/bench_model.py -> the repository
+    repo_root = Path(__file__).resolve().parents[1]   # bench/bench_model.py -> the repository
     found = [repo_root.parent / "shared" / "reference" / BENCH_CONFIG_NAME,
              Path.cwd().parent / "shared" / "reference" / BENCH_CONFIG_NAME]
     return list(dict.fromkeys(p.resolve() for p in found))

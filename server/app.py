@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..config import ServerArgs
-from ..engine import Engine, RequestError
-from ..sampling import SamplingParams
+from dsserve.core.config import ServerArgs
+from dsserve.core.engine import Engine, RequestError
+from dsserve.core.sampling import SamplingParams
 from .chat import ChatServing
 from .completions import CompletionServing
 from .errors import APIError, install_error_handlers

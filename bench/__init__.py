@@ -1,7 +1,7 @@
 """`dsserve bench`: `serving` loads an OpenAI-compatible server; `one-batch` times one batch locally.
 
 The offline throughput comparison with transformers is `benchmarks/offline_throughput.py`; the shared
-benchmark checkpoint is built by `dsserve.core.bench.bench_model.ensure_bench_model`.
+benchmark checkpoint is built by `dsserve.bench.bench_model.ensure_bench_model`.
 """
 from __future__ import annotations
 

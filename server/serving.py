@@ -17,10 +17,10 @@ from pathlib import Path
 
 from fastapi import Request
 
-from ..config import ServerArgs
-from ..engine import Engine, RequestError
-from ..request import RequestHandle, RequestOutput
-from ..sampling import SamplingParams
+from dsserve.core.config import ServerArgs
+from dsserve.core.engine import Engine, RequestError
+from dsserve.core.request import RequestHandle, RequestOutput
+from dsserve.core.sampling import SamplingParams
 from .errors import APIError, bad_request
 
 log = logging.getLogger("dsserve")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ServerArgs
+from dsserve.core.config import ServerArgs
 
 
 def _spellings(argv: list[str] | None) -> dict[str, str]:

@@ -1,1 +1,0 @@
-"""dsserve.core.server: the OpenAI-compatible HTTP server."""

@@ -1,0 +1,1 @@
+"""dsserve.server: the OpenAI-compatible HTTP server."""
