@@ -1,0 +1,49 @@
+"""LayerContext: what every layer needs to build itself (device, plugins, dtype, parallel rank)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dsserve.core.backends import AttentionBackend, AttentionSpec, Communicator, Device, MoEBackend, MoESpec
+from dsserve.core.plugins import PluginRegistry
+
+
+@dataclass
+class LayerContext:
+    """What every layer needs to build itself: the device, its plugins, dtype and parallel rank."""
+
+    device: Device
+    registry: PluginRegistry
+    dtype: torch.dtype
+    torch_device: torch.device
+    comm: Communicator
+    quant: str = "none"
+    weight_block_size: tuple[int, int] | None = None  # the checkpoint's quantization_config says
+    page_size: int | None = None
+    _attention: dict = field(default_factory=dict)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.comm.world_size
+
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        """One backend per distinct spec, shared by all layers with that spec."""
+        if spec not in self._attention:
+            self._attention[spec] = self.registry.attention_backend(self.device, spec)
+        return self._attention[spec]
+
+    def attention_backends(self) -> list[AttentionBackend]:
+        return list(self._attention.values())
+
+    def moe_backend(self, spec: MoESpec) -> MoEBackend:
+        return self.registry.moe_backend(self.device, spec)
+
+    def shard(self, size: int, what: str) -> int:
+        if size % self.tp_size:
+            raise ValueError(f"{what} ({size}) is not divisible by the tensor-parallel size {self.tp_size}")
+        return size // self.tp_size
