@@ -15,7 +15,7 @@ import json
 import random
 import sys
 
-from dsserve.core.config import ServerArgs
+from dsserve.core.config import EngineArgs
 from .common import (
     describe_backends,
     format_table,
@@ -31,7 +31,7 @@ from .common import (
 def add_parser(sub) -> None:
     p = sub.add_parser("one-batch", help="prefill and decode time of one batch on a local engine",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ServerArgs.add_cli_args(p)
+    EngineArgs.add_cli_args(p)
     g = p.add_argument_group("benchmark")
     g.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     g.add_argument("--input-len", type=int, nargs="+", default=[256], help="prompt tokens (one or more)")
@@ -57,10 +57,10 @@ def run(ns: argparse.Namespace) -> int:
 
         ns.model_path = str(ensure_bench_model(ns.bench_config, log=lambda m: print(m, file=sys.stderr)))
     threads = set_threads(ns.threads)
-    args = ServerArgs.from_cli_args(ns)
+    args = EngineArgs.from_cli_args(ns)
     rng = random.Random(args.seed)
     results = []
-    with Engine(**vars(args)) as engine:
+    with Engine.from_args(args) as engine:
         low, high = prompt_id_range(engine)
         name = engine.runner.model_path.name
         backends = describe_backends(engine)

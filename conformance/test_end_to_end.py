@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dsserve.conformance.harness import HOST, Context, dtype_name, synchronize
-from dsserve.core.config import ServerArgs
+from dsserve.core.config import EngineArgs
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.model_runner import BatchItem, ModelRunner
 from dsserve.core.plugins import PluginRegistry
@@ -58,7 +58,7 @@ def prompts(vocab: int) -> list[list[int]]:
 
 def make_runner(ctx: Context, registry: PluginRegistry, dtype: torch.dtype) -> ModelRunner:
     tokens = sum(PROMPT_LENS) + len(PROMPT_LENS) * (NEW_TOKENS + 1)
-    args = ServerArgs.from_kwargs(device=ctx.device.name, dtype=_DTYPE_FLAG[dtype],
+    args = EngineArgs.from_kwargs(device=ctx.device.name, dtype=_DTYPE_FLAG[dtype],
                                   max_total_tokens=4 * tokens, log_level="warning")
     runner = ModelRunner(args, registry=registry)
     ctx.pin_host_threads()  # the runner ran Device.setup, which may have changed them

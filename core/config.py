@@ -1,4 +1,8 @@
-"""ServerArgs: every CLI flag, one dataclass."""
+"""EngineArgs: the engine's options, each a CLI flag and an `Engine(...)` keyword.
+
+The HTTP server's own flags extend these in `dsserve.server.args.ServerArgs`; a flag is declared with
+`flag(...)`, and `add_cli_args` turns every field of the class into an argparse option.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +10,6 @@ import json
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from dsserve.server.reasoning import REASONING_PARSERS
-from dsserve.server.tool_calls import TOOL_CALL_PARSERS
 
 # SGLang's --quantization names; a value other than the checkpoint's own format is accepted with a warning.
 QUANTIZATION_METHODS = [
@@ -16,117 +18,100 @@ QUANTIZATION_METHODS = [
 ]
 
 
-def _flag(default: Any, help: str, group: str = "model", **extra: Any) -> Any:
-    """A ServerArgs field: its default, its --help text and its --help group."""
+def flag_error(name: str, message: str) -> ValueError:
+    """A bad flag value, named as the user types it."""
+    return ValueError(f"--{name.replace('_', '-')} {message}")
+
+
+def flag(default: Any, help: str, group: str = "model", **extra: Any) -> Any:
+    """A field of an options dataclass: its default, its --help text and its --help group."""
     return field(default=default, metadata={"help": help, "group": group, **extra})
 
 
 @dataclass
-class ServerArgs:
-    """Every option of the server, the CLI and the offline Engine (flag names follow SGLang's)."""
+class EngineArgs:
+    """Every option of the offline Engine (flag names follow SGLang's)."""
 
     # model
-    model_path: str | None = _flag(None, "Hugging Face folder or hub id; default: the embedded dsserve-tiny",
-                                   aliases=["--model"])
-    tokenizer_path: str | None = _flag(None, "tokenizer folder (default: the model folder)")
-    served_model_name: str | None = _flag(None, "model name reported by the API (default: the folder name)")
-    trust_remote_code: bool = _flag(False, "allow custom code shipped with the tokenizer")
-    context_length: int | None = _flag(None, "maximum tokens per sequence (default: the model's)")
-    dtype: str = _flag("auto", "compute dtype: auto, float32, bfloat16, float16",
-                       choices=["auto", "float32", "bfloat16", "float16", "half", "bf16", "fp32"])
+    model_path: str | None = flag(None, "Hugging Face folder or hub id; default: the embedded dsserve-tiny",
+                                  aliases=["--model"])
+    tokenizer_path: str | None = flag(None, "tokenizer folder (default: the model folder)")
+    trust_remote_code: bool = flag(False, "allow custom code shipped with the tokenizer")
+    context_length: int | None = flag(None, "maximum tokens per sequence (default: the model's)")
+    dtype: str = flag("auto", "compute dtype: auto, float32, bfloat16, float16",
+                      choices=["auto", "float32", "bfloat16", "float16", "half", "bf16", "fp32"])
     # device
-    device: str | None = _flag(None, "device to run on (`dsserve plugins` lists them); default: the best available",
-                               group="device")
+    device: str | None = flag(None, "device to run on (`dsserve plugins` lists them); default: the best available",
+                              group="device")
     # memory
-    max_total_tokens: int | None = _flag(None, "KV cache size in tokens (default: from --mem-fraction-static)",
-                                         group="memory")
-    mem_fraction_static: float = _flag(0.5, "fraction of free device memory for the KV cache after weights",
-                                       group="memory")
-    page_size: int | None = _flag(None, "tokens per KV page (default: the attention backend's choice)",
-                                  group="memory")
-    max_running_requests: int = _flag(64, "most requests decoding at once", group="memory")
-    chunked_prefill_size: int = _flag(2048, "most prompt tokens prefilled in one step (longer prompts take "
-                                      "several steps while others keep decoding)", group="memory")
-    disable_radix_cache: bool = _flag(False, "do not reuse the KV of shared prompt prefixes", group="memory")
+    max_total_tokens: int | None = flag(None, "KV cache size in tokens (default: from --mem-fraction-static)",
+                                        group="memory")
+    mem_fraction_static: float = flag(0.5, "fraction of free device memory for the KV cache after weights",
+                                      group="memory")
+    page_size: int | None = flag(None, "tokens per KV page (default: the attention backend's choice)",
+                                 group="memory")
+    max_running_requests: int = flag(64, "most requests decoding at once", group="memory")
+    chunked_prefill_size: int = flag(2048, "most prompt tokens prefilled in one step (longer prompts take "
+                                     "several steps while others keep decoding)", group="memory")
+    disable_radix_cache: bool = flag(False, "do not reuse the KV of shared prompt prefixes", group="memory")
     # runtime
-    seed: int = _flag(0, "random seed for sampling without a per-request seed", group="runtime",
-                      aliases=["--random-seed"])
-    log_level: str = _flag("info", "logging level", group="runtime",
-                           choices=["debug", "info", "warning", "error", "critical"])
-    # HTTP server
-    host: str = _flag("127.0.0.1", "address to listen on (0.0.0.0: every interface)", group="http server")
-    port: int = _flag(30000, "port to listen on (0: any free port, printed when ready)", group="http server")
-    api_key: str | None = _flag(None, "require `Authorization: Bearer KEY` on every route but /health",
-                                group="http server")
-    max_queued_requests: int | None = _flag(None, "answer 503 (with Retry-After) while this many requests wait "
-                                            "to run (default: no limit)", group="http server")
-    graceful_shutdown_timeout: float = _flag(30.0, "on SIGTERM/SIGINT, seconds to let running requests finish "
-                                             "before they are aborted", group="http server")
-    enable_metrics: bool = _flag(False, "accepted for SGLang compatibility: /metrics (Prometheus) is always served",
-                                 group="http server")
-    # OpenAI API
-    chat_template: str | None = _flag(None, "chat template: a Jinja file or inline Jinja text (default: the "
-                                      "tokenizer's)", group="openai api")
-    reasoning_parser: str | None = _flag(None, "split <think>...</think> into reasoning_content",
-                                         group="openai api", choices=sorted(REASONING_PARSERS))
-    tool_call_parser: str | None = _flag(None, "turn the model's tool-call markup into OpenAI tool_calls",
-                                         group="openai api", choices=sorted(TOOL_CALL_PARSERS))
-    enable_custom_logit_processor: bool = _flag(
-        False, "accept SGLang's custom_logit_processor field; only its custom_params.thinking_budget is applied",
-        group="openai api")
+    seed: int = flag(0, "random seed for sampling without a per-request seed", group="runtime",
+                     aliases=["--random-seed"])
+    log_level: str = flag("info", "logging level", group="runtime",
+                          choices=["debug", "info", "warning", "error", "critical"])
     # parallelism (single device today: values above 1 are accepted with a warning)
-    tp_size: int = _flag(1, "tensor-parallel size", group="parallelism", aliases=["--tp"])
-    dp_size: int = _flag(1, "data-parallel size", group="parallelism", aliases=["--dp"])
-    ep_size: int = _flag(1, "expert-parallel size", group="parallelism", aliases=["--ep"])
-    enable_dp_attention: bool = _flag(False, "data-parallel attention with tensor-parallel MoE", group="parallelism")
-    nnodes: int = _flag(1, "number of nodes", group="parallelism")
-    node_rank: int = _flag(0, "this node's rank, 0 .. nnodes-1", group="parallelism")
-    dist_init_addr: str | None = _flag(None, "HOST:PORT of node 0 for the distributed rendezvous",
-                                       group="parallelism")
-    dist_timeout: int | None = _flag(None, "seconds before a distributed operation times out",
-                                     group="parallelism")
+    tp_size: int = flag(1, "tensor-parallel size", group="parallelism", aliases=["--tp"])
+    dp_size: int = flag(1, "data-parallel size", group="parallelism", aliases=["--dp"])
+    ep_size: int = flag(1, "expert-parallel size", group="parallelism", aliases=["--ep"])
+    enable_dp_attention: bool = flag(False, "data-parallel attention with tensor-parallel MoE", group="parallelism")
+    nnodes: int = flag(1, "number of nodes", group="parallelism")
+    node_rank: int = flag(0, "this node's rank, 0 .. nnodes-1", group="parallelism")
+    dist_init_addr: str | None = flag(None, "HOST:PORT of node 0 for the distributed rendezvous",
+                                      group="parallelism")
+    dist_timeout: int | None = flag(None, "seconds before a distributed operation times out",
+                                    group="parallelism")
     # weights and KV formats
-    quantization: str | None = _flag(None, "weight quantization; a quantized checkpoint's own format is always "
-                                     "used", group="quantization", choices=QUANTIZATION_METHODS)
-    kv_cache_dtype: str = _flag("auto", "KV cache dtype (auto: the compute dtype)", group="quantization",
-                                choices=["auto", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16"])
-    load_format: str = _flag("auto", "weight file format", group="quantization",
-                             choices=["auto", "safetensors", "pt", "dummy"])
-    model_loader_extra_config: str | None = _flag(None, "JSON options for the weight loader (e.g. "
-                                                  '{"enable_multithread_load": true})', group="quantization")
+    quantization: str | None = flag(None, "weight quantization; a quantized checkpoint's own format is always "
+                                    "used", group="quantization", choices=QUANTIZATION_METHODS)
+    kv_cache_dtype: str = flag("auto", "KV cache dtype (auto: the compute dtype)", group="quantization",
+                               choices=["auto", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16"])
+    load_format: str = flag("auto", "weight file format", group="quantization",
+                            choices=["auto", "safetensors", "pt", "dummy"])
+    model_loader_extra_config: str | None = flag(None, "JSON options for the weight loader (e.g. "
+                                                 '{"enable_multithread_load": true})', group="quantization")
     # kernels and graph capture (accepted; a warning names the ones without effect)
-    attention_backend: str | None = _flag(None, "attention kernel family (default: the device plugin's choice)",
-                                          group="kernels")
-    enable_torch_compile: bool = _flag(False, "compile the decode graph with torch.compile", group="kernels")
-    torch_compile_max_bs: int | None = _flag(None, "largest batch compiled with torch.compile", group="kernels")
+    attention_backend: str | None = flag(None, "attention kernel family (default: the device plugin's choice)",
+                                         group="kernels")
+    enable_torch_compile: bool = flag(False, "compile the decode graph with torch.compile", group="kernels")
+    torch_compile_max_bs: int | None = flag(None, "largest batch compiled with torch.compile", group="kernels")
     # SGLang spells these after torch's device type: --<type>-graph-bs and so on, for every device type
     # an installed plugin provides (see _device_aliases).
-    device_graph_bs: list[int] | None = _flag(None, "batch sizes to capture as device graphs", group="kernels",
-                                              nargs="+", metavar="BS", device_aliases=["--{}-graph-bs"])
-    device_graph_max_bs: int | None = _flag(None, "largest batch captured as a device graph", group="kernels",
-                                            metavar="BS", device_aliases=["--{}-graph-max-bs"])
-    disable_device_graph: bool = _flag(False, "do not capture device graphs", group="kernels",
-                                       device_aliases=["--disable-{}-graph"])
-    disable_overlap_schedule: bool = _flag(False, "do not overlap scheduling with the forward pass",
-                                           group="kernels")
+    device_graph_bs: list[int] | None = flag(None, "batch sizes to capture as device graphs", group="kernels",
+                                             nargs="+", metavar="BS", device_aliases=["--{}-graph-bs"])
+    device_graph_max_bs: int | None = flag(None, "largest batch captured as a device graph", group="kernels",
+                                           metavar="BS", device_aliases=["--{}-graph-max-bs"])
+    disable_device_graph: bool = flag(False, "do not capture device graphs", group="kernels",
+                                      device_aliases=["--disable-{}-graph"])
+    disable_overlap_schedule: bool = flag(False, "do not overlap scheduling with the forward pass",
+                                          group="kernels")
     # speculative decoding (MTP / EAGLE)
-    speculative_algorithm: str | None = _flag(None, "speculative decoding algorithm", group="speculative decoding",
-                                              choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"])
-    speculative_draft_model_path: str | None = _flag(None, "draft model folder (default: the model's MTP layer)",
-                                                     group="speculative decoding")
-    speculative_num_steps: int | None = _flag(None, "draft steps per verification", group="speculative decoding")
-    speculative_eagle_topk: int | None = _flag(None, "draft branches per step", group="speculative decoding")
-    speculative_num_draft_tokens: int | None = _flag(None, "draft tokens verified per step",
-                                                     group="speculative decoding")
+    speculative_algorithm: str | None = flag(None, "speculative decoding algorithm", group="speculative decoding",
+                                             choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"])
+    speculative_draft_model_path: str | None = flag(None, "draft model folder (default: the model's MTP layer)",
+                                                    group="speculative decoding")
+    speculative_num_steps: int | None = flag(None, "draft steps per verification", group="speculative decoding")
+    speculative_eagle_topk: int | None = flag(None, "draft branches per step", group="speculative decoding")
+    speculative_num_draft_tokens: int | None = flag(None, "draft tokens verified per step",
+                                                    group="speculative decoding")
     # prefill/decode disaggregation
-    disaggregation_mode: str = _flag("null", "serve only prefill or only decode", group="disaggregation",
-                                     choices=["null", "prefill", "decode"])
-    disaggregation_transfer_backend: str | None = _flag(None, "KV transfer library", group="disaggregation",
-                                                        choices=["mooncake", "nixl", "ascend", "fake"])
-    disaggregation_bootstrap_port: int | None = _flag(None, "bootstrap server port of a prefill server",
-                                                      group="disaggregation")
-    disaggregation_ib_device: str | None = _flag(None, "InfiniBand devices for the KV transfer",
-                                                 group="disaggregation")
+    disaggregation_mode: str = flag("null", "serve only prefill or only decode", group="disaggregation",
+                                    choices=["null", "prefill", "decode"])
+    disaggregation_transfer_backend: str | None = flag(None, "KV transfer library", group="disaggregation",
+                                                       choices=["mooncake", "nixl", "ascend", "fake"])
+    disaggregation_bootstrap_port: int | None = flag(None, "bootstrap server port of a prefill server",
+                                                     group="disaggregation")
+    disaggregation_ib_device: str | None = flag(None, "InfiniBand devices for the KV transfer",
+                                                group="disaggregation")
 
     def __post_init__(self) -> None:
         aliases = {"half": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -135,63 +120,54 @@ class ServerArgs:
         if self.dtype not in valid_dtypes:
             raise ValueError(f"--dtype must be one of {sorted(valid_dtypes)}, got {self.dtype!r}")
         if not 0.0 < self.mem_fraction_static <= 1.0:
-            raise ValueError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
+            raise flag_error("mem_fraction_static", f"must be in (0, 1], got {self.mem_fraction_static}")
         for name in ("max_total_tokens", "page_size", "context_length", "max_running_requests",
                      "chunked_prefill_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        self._check_server_flags()
+                raise flag_error(name, f"must be >= 1, got {value}")
+        self._check_compat_flags()
 
-    def _check_server_flags(self) -> None:
-        """The HTTP server's and the SGLang-compatibility flags' values."""
-        def bad(flag: str, message: str) -> ValueError:
-            return ValueError(f"--{flag.replace('_', '-')} {message}")
-
+    def _check_compat_flags(self) -> None:
+        """The values of the SGLang-compatibility flags (parallelism, kernels, speculative, disaggregation)."""
         for name in ("tp_size", "dp_size", "ep_size", "nnodes", "torch_compile_max_bs", "device_graph_max_bs",
                      "dist_timeout", "speculative_num_steps", "speculative_eagle_topk",
                      "speculative_num_draft_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise bad(name, f"must be >= 1, got {value}")
-        if not 0 <= self.port <= 65535:
-            raise bad("port", f"must be in 0..65535, got {self.port}")
+                raise flag_error(name, f"must be >= 1, got {value}")
         if self.disaggregation_bootstrap_port is not None and not 0 <= self.disaggregation_bootstrap_port <= 65535:
-            raise bad("disaggregation_bootstrap_port", f"must be in 0..65535, got {self.disaggregation_bootstrap_port}")
-        if not self.host:
-            raise bad("host", "must not be empty")
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise bad("max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
-        if self.graceful_shutdown_timeout < 0:
-            raise bad("graceful_shutdown_timeout", f"must be >= 0, got {self.graceful_shutdown_timeout}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise bad("api_key", "must not be empty")
+            raise flag_error("disaggregation_bootstrap_port",
+                             f"must be in 0..65535, got {self.disaggregation_bootstrap_port}")
         if not 0 <= self.node_rank < self.nnodes:
-            raise bad("node_rank", f"must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}")
+            raise flag_error("node_rank",
+                             f"must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}")
         if self.tp_size % self.nnodes:
-            raise bad("tp_size", f"({self.tp_size}) must be a multiple of --nnodes ({self.nnodes})")
+            raise flag_error("tp_size", f"({self.tp_size}) must be a multiple of --nnodes ({self.nnodes})")
         if self.enable_dp_attention and self.tp_size % self.dp_size:
-            raise bad("dp_size", f"({self.dp_size}) must divide --tp-size ({self.tp_size}) with --enable-dp-attention")
+            raise flag_error("dp_size",
+                             f"({self.dp_size}) must divide --tp-size ({self.tp_size}) with --enable-dp-attention")
         if self.dist_init_addr is not None:
             host, sep, port = self.dist_init_addr.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-                raise bad("dist_init_addr", f"must be HOST:PORT, got {self.dist_init_addr!r}")
+                raise flag_error("dist_init_addr", f"must be HOST:PORT, got {self.dist_init_addr!r}")
         if self.model_loader_extra_config is not None:
             try:
                 extra = json.loads(self.model_loader_extra_config)
             except json.JSONDecodeError as e:
-                raise bad("model_loader_extra_config", f"is not valid JSON ({e.msg})") from None
+                raise flag_error("model_loader_extra_config", f"is not valid JSON ({e.msg})") from None
             if not isinstance(extra, dict):
-                raise bad("model_loader_extra_config", "must be a JSON object")
+                raise flag_error("model_loader_extra_config", "must be a JSON object")
         if self.device_graph_bs is not None:
             # SGLang takes `--<type>-graph-bs 1 2 4` and users also write `1,2,4`.
             try:
                 self.device_graph_bs = [int(x) for item in self.device_graph_bs
                                         for x in str(item).split(",") if x.strip()]
             except ValueError:
-                raise bad("device_graph_bs", f"takes batch sizes (integers), got {self.device_graph_bs}") from None
+                raise flag_error("device_graph_bs",
+                                 f"takes batch sizes (integers), got {self.device_graph_bs}") from None
         if self.device_graph_bs is not None and any(bs < 1 for bs in self.device_graph_bs):
-            raise bad("device_graph_bs", f"sizes must be >= 1, got {self.device_graph_bs}")
+            raise flag_error("device_graph_bs", f"sizes must be >= 1, got {self.device_graph_bs}")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -211,11 +187,11 @@ class ServerArgs:
                                choices=meta.get("choices"), nargs=meta.get("nargs"), metavar=meta.get("metavar"))
 
     @classmethod
-    def from_cli_args(cls, ns: argparse.Namespace) -> "ServerArgs":
+    def from_cli_args(cls, ns: argparse.Namespace):
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+    def from_kwargs(cls, **kwargs: Any):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

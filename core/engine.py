@@ -10,12 +10,13 @@ import logging
 import threading
 import traceback
 from collections import deque
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .config import ServerArgs
+from .config import EngineArgs
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -34,13 +35,14 @@ class RequestError(ValueError):
 class Engine:
     """Loads a model on a device and generates, batching whatever requests are in flight.
 
-    `Engine(model_path=None, device=None, dtype="auto", **server_args)`: every CLI flag is also a
-    keyword (`max_total_tokens=...`). With no model_path it serves the embedded dsserve-tiny.
+    `Engine(model_path=None, device=None, dtype="auto", **engine_args)`: every engine flag (see
+    EngineArgs) is also a keyword (`max_total_tokens=...`). With no model_path it serves the
+    embedded dsserve-tiny.
     """
 
     def __init__(self, model_path: str | None = None, device: str | None = None, dtype: str = "auto",
-                 **server_args):
-        self.args = args = ServerArgs.from_kwargs(model_path=model_path, device=device, dtype=dtype, **server_args)
+                 **engine_args):
+        self.args = args = EngineArgs.from_kwargs(model_path=model_path, device=device, dtype=dtype, **engine_args)
         logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
         self.runner = self._start_engine_thread(args)
         try:
@@ -63,7 +65,12 @@ class Engine:
         finally:
             self._started.set()
 
-    def _start_engine_thread(self, args: ServerArgs) -> ModelRunner:
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "Engine":
+        """An engine with `args`' engine options (a ServerArgs' server options are not the engine's)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(EngineArgs)})
+
+    def _start_engine_thread(self, args: EngineArgs) -> ModelRunner:
         """Start the engine thread, which loads the model itself, and wait until it has.
 
         The model must be built on the thread that runs it: the first thread to run parallel torch

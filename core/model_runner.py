@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ServerArgs
+from .config import EngineArgs
 from .forward_batch import AttentionMetadata, ForwardBatch
 from .kv_cache import KVPool
 from .plugins import PluginRegistry, default_registry
@@ -29,7 +29,7 @@ class BatchItem:
 class ModelRunner:
     """Owns the model and its KV pool; knows nothing about requests or scheduling."""
 
-    def __init__(self, args: ServerArgs, registry: PluginRegistry | None = None):
+    def __init__(self, args: EngineArgs, registry: PluginRegistry | None = None):
         from dsserve.models.layers import LayerContext
         from dsserve.models.loader import build_model, read_config, resolve_model_path
 
@@ -60,7 +60,7 @@ class ModelRunner:
         """The longest sequence (prompt + output) a request may reach."""
         return min(self.context_len, self.kv.capacity_tokens)
 
-    def _pool_pages(self, args: ServerArgs) -> int:
+    def _pool_pages(self, args: EngineArgs) -> int:
         page = self.backends[0].page_size
         if args.max_total_tokens:
             tokens = args.max_total_tokens

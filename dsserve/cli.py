@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from dsserve.core.config import ServerArgs
+from dsserve.core.config import EngineArgs
 
 SUBCOMMANDS = {  # name -> "module:function" adding its parser
     "serve": "dsserve.server.launch:register",
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def register_generate(sub) -> None:
     gen = sub.add_parser("generate", help="complete one prompt offline and print it")
-    ServerArgs.add_cli_args(gen)
+    EngineArgs.add_cli_args(gen)
     g = gen.add_argument_group("generation")
     g.add_argument("--prompt", required=True, help="the text to complete")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -77,7 +77,7 @@ def _generate(ns: argparse.Namespace) -> int:
     from dsserve.core.engine import Engine
     from dsserve.core.sampling import SamplingParams
 
-    with Engine(**vars(ServerArgs.from_cli_args(ns))) as engine:
+    with Engine.from_args(EngineArgs.from_cli_args(ns)) as engine:
         prompt = ns.prompt
         if ns.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from dsserve.core.config import ServerArgs
+from .args import ServerArgs
 from dsserve.core.engine import Engine, RequestError
 from dsserve.core.sampling import SamplingParams
 from .chat import ChatServing
@@ -48,7 +48,7 @@ _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 503: {"
 
 
 def create_app(engine: Engine, args: ServerArgs | None = None) -> FastAPI:
-    args = args or engine.args
+    args = args or ServerArgs.from_engine_args(engine.args)
     serving = Serving(engine, args)
     reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     tools = get_tool_call_parser(args.tool_call_parser) if args.tool_call_parser else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsserve.core.config import ServerArgs
+from .args import ServerArgs
 
 
 def _spellings(argv: list[str] | None) -> dict[str, str]:

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 
-from dsserve.core.config import ServerArgs
+from .args import ServerArgs
 
 log = logging.getLogger("dsserve")
 
@@ -125,7 +125,7 @@ def run(ns: argparse.Namespace) -> int:
     from dsserve.core.engine import Engine
     from .app import create_app
 
-    engine = Engine(**vars(args))
+    engine = Engine.from_args(args)
     try:
         line = quantization_warning(args, engine.runner.config.quantization_config)
         if line:
@@ -150,7 +150,7 @@ class ServerThread:
     def __init__(self, engine, args: ServerArgs | None = None, host: str = "127.0.0.1", port: int = 0):
         from .app import create_app
 
-        args = args or engine.args
+        args = args or ServerArgs.from_engine_args(engine.args)
         self.app = create_app(engine, args)
         self.sock = bind_socket(host, port)
         self.url = url_of(host, self.sock)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from dsserve.core.config import ServerArgs
+from .args import ServerArgs
 from dsserve.core.engine import Engine, RequestError
 from dsserve.core.request import RequestHandle, RequestOutput
 from dsserve.core.sampling import SamplingParams

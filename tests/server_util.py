@@ -13,15 +13,18 @@ import time
 
 import httpx
 from dsserve.core.engine import Engine
+from dsserve.server.args import ServerArgs
 from dsserve.server.launch import ServerThread
 
 
 @contextlib.contextmanager
-def running_server(**engine_kwargs):
-    engine_kwargs.setdefault("dtype", "float32")
-    engine_kwargs.setdefault("max_total_tokens", 32768)
-    engine = Engine(**engine_kwargs)
-    server = ServerThread(engine)
+def running_server(**kwargs):
+    """An engine and a server over it; `kwargs` are any `dsserve serve` options (ServerArgs fields)."""
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("max_total_tokens", 32768)
+    args = ServerArgs.from_kwargs(**kwargs)
+    engine = Engine.from_args(args)
+    server = ServerThread(engine, args)
     try:
         server.start()
         yield engine, server

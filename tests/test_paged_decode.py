@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dsserve.core.config import ServerArgs
+from dsserve.core.config import EngineArgs
 from dsserve.core.model_runner import BatchItem, ModelRunner
 from hf_checkpoints import build
 
@@ -14,7 +14,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_after_prefill_equals_recompute(checkpoint, page_size):
-    runner = ModelRunner(ServerArgs(model_path=str(checkpoint.path), device="cpu", dtype="float32",
+    runner = ModelRunner(EngineArgs(model_path=str(checkpoint.path), device="cpu", dtype="float32",
                                     max_total_tokens=512, page_size=page_size))
     torch.manual_seed(0)
     tokens = torch.randint(3, checkpoint.vocab_size, (40,)).tolist()
