@@ -178,19 +178,3 @@ def _write_stamp(folder: Path, config_path: Path, digest: str, params: int) -> N
                      f"prompts use ids {PROMPT_ID_LOW}..{TOKENIZER_VOCAB - 1})",
     }
     (folder / STAMP_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def count_parameters(folder: str | os.PathLike[str]) -> int:
-    """Parameters stored in a checkpoint folder (buffers such as the routing bias included)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                shape = f.get_slice(name).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n
-    return total

@@ -113,7 +113,3 @@ class ForwardBatch:
     input_ids: torch.Tensor
     attn: AttentionMetadata
     logits_indices: torch.Tensor
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.attn.positions

@@ -10,25 +10,10 @@ import textwrap
 import torch
 
 from .plugins import HOOK_FAMILIES, DeviceError, PluginRegistry, availability
+from .table import table_lines
 
 WIDTH = 100
-GAP = "  "
 _FAMILY_ORDER = list(HOOK_FAMILIES.values())
-
-
-def _table(header: list[str], rows: list[list[str]], width: int = WIDTH) -> list[str]:
-    """Left-aligned columns; the last column is word-wrapped to keep each line within `width`."""
-    cols = len(header)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(cols - 1)]
-    indent = sum(widths) + len(GAP) * (cols - 1)
-    room = max(20, width - indent)
-    lines = []
-    for row in [header, *rows]:
-        lead = GAP.join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + GAP
-        wrapped = textwrap.wrap(row[-1], room, break_long_words=False, break_on_hyphens=False) or [""]
-        lines.append((lead + wrapped[0]).rstrip())
-        lines.extend(" " * indent + more for more in wrapped[1:])
-    return lines
 
 
 def _family_rank(family: str) -> int:
@@ -76,10 +61,10 @@ def render_plugins(registry: PluginRegistry) -> str:
             ])
 
     lines = [f"plugins ({len(infos)})", ""]
-    lines += _table(["PLUGIN", "SOURCE", "HOOKS"], plugin_rows)
+    lines += table_lines(["PLUGIN", "SOURCE", "HOOKS"], plugin_rows, WIDTH)
     lines += ["", f"devices ({len(device_rows)})", ""]
     if device_rows:
-        lines += _table(["DEVICE", "PLUGIN", "DTYPE", "AVAILABLE"], device_rows)
+        lines += table_lines(["DEVICE", "PLUGIN", "DTYPE", "AVAILABLE"], device_rows, WIDTH)
     else:
         lines.append("no plugin provides a device")
 

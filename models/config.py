@@ -62,10 +62,6 @@ class ModelConfig:
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def is_mla(self) -> bool:
-        return self.kv_lora_rank > 0
-
     def is_moe_layer(self, layer: int) -> bool:
         return (
             self.n_routed_experts > 0

@@ -36,6 +36,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from dsserve.core.tag_prefix import held_tag_prefix_len, is_tag_prefix
+
 __all__ = [
     "REASONING_PARSERS",
     "THINK_END",
@@ -50,16 +52,6 @@ __all__ = [
 
 THINK_START = "<think>"
 THINK_END = "</think>"
-
-
-def _held_tag_prefix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag`` (0 if none):
-    the characters that must wait for the next chunk because they may begin ``tag``."""
-    longest = min(len(text), len(tag) - 1)
-    for n in range(longest, 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -152,9 +144,7 @@ class ReasoningStream:
                     self._phase = "reasoning"
                     self._entered_reasoning = True
                     continue
-                undecided = not head or (
-                    len(head) < len(self._think_start) and self._think_start.startswith(head)
-                )
+                undecided = not head or is_tag_prefix(head, self._think_start)
                 if undecided and not final:
                     return
                 if self._starts_in_reasoning:
@@ -172,7 +162,7 @@ class ReasoningStream:
                     self._phase = "content"
                     self._strip_content_start = True
                     continue
-                held = 0 if final else _held_tag_prefix(self._buf, self._think_end)
+                held = 0 if final else held_tag_prefix_len(self._buf, self._think_end)
                 ready = self._buf[: len(self._buf) - held]
                 self._buf = self._buf[len(self._buf) - held :]
                 self._emit_reasoning(ready, reasoning, closing=final)

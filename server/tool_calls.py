@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsserve.core.tag_prefix import held_tag_prefix_len, is_tag_prefix
+
 __all__ = [
     "END_OF_SENTENCE",
     "TOOL_CALLS_BEGIN",
@@ -314,10 +316,6 @@ def _parse_call(inner: str, names: frozenset[str]) -> tuple[str, str] | None:
     return name, json.dumps(args, ensure_ascii=False, separators=(",", ":"))
 
 
-def _is_partial(rest: str, tags: Iterable[str]) -> bool:
-    return any(len(rest) < len(tag) and tag.startswith(rest) for tag in tags)
-
-
 _MORE, _DONE, _BAD = "more", "done", "bad"
 
 
@@ -357,7 +355,7 @@ def _scan_block(
             if final:
                 return (_DONE if count else _BAD), calls, p
             return _MORE, calls, pos
-        if not final and _is_partial(rest, (TOOL_CALL_BEGIN, *_BLOCK_TERMINATORS)):
+        if not final and is_tag_prefix(rest, TOOL_CALL_BEGIN, *_BLOCK_TERMINATORS):
             return _MORE, calls, pos
         return _BAD, calls, pos
 
@@ -394,14 +392,6 @@ class DeepSeekV3ToolParser:
         self, tools: Sequence[Any] | None, tool_choice: Any = None
     ) -> dict[str, Any]:
         return build_tool_prompt_kwargs(tools, tool_choice)
-
-
-def _held_tag_prefix(text: str, tag: str) -> int:
-    longest = min(len(text), len(tag) - 1)
-    for n in range(longest, 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ToolCallStream:
@@ -472,7 +462,7 @@ class ToolCallStream:
                 if final:
                     ready, self._buf = self._buf, ""
                 else:
-                    held = _held_tag_prefix(self._buf, TOOL_CALLS_BEGIN)
+                    held = held_tag_prefix_len(self._buf, TOOL_CALLS_BEGIN)
                     ready = self._buf[: len(self._buf) - held].rstrip()
                     self._buf = self._buf[len(ready) :]
                 if ready:

@@ -115,15 +115,10 @@ def _chunks(batch: int, longest: int, width: int):
         yield b0, min(batch, b0 + step)
 
 
-class _Common:
+class _ReferenceAttention:
+    """What the MLA and MHA references share: the per-pass plans and the compute dtype."""
+
     upcast_half = True
-
-    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if (self.upcast_half and dtype in _HALF) else dtype
-
-
-class ReferenceMLAAttention(_Common, MLAAttentionBackend):
-    """MLA over the latent cache: extend expands to per-head K/V, decode stays in latent space."""
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -131,6 +126,13 @@ class ReferenceMLAAttention(_Common, MLAAttentionBackend):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         self._plans.prepare(meta)
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if (self.upcast_half and dtype in _HALF) else dtype
+
+
+class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
+    """MLA over the latent cache: extend expands to per-head K/V, decode stays in latent space."""
 
     def forward_extend(self, q_nope, q_pe, latent, cache, meta, w_kc, w_vc):
         s = self.spec
@@ -177,15 +179,8 @@ class ReferenceMLAAttention(_Common, MLAAttentionBackend):
         return out
 
 
-class ReferenceMHAAttention(_Common, MHAAttentionBackend):
+class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
     """Multi-head / grouped-query attention over the paged K and V caches."""
-
-    def __init__(self, spec):
-        super().__init__(spec)
-        self._plans = _PlanCache()
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        self._plans.prepare(meta)
 
     def _write_kv(self, k, v, cache, meta):
         k_cache, v_cache = cache

@@ -21,6 +21,8 @@ import triton.language as tl
 from dsserve.core.backends import MoEBackend, MoESpec
 from dsserve.core.reference import select_experts
 
+from .strides import last_dim_contiguous
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_PAIRS = 64 * 1024
 
@@ -157,9 +159,7 @@ def fused_moe(
         out = hidden.new_empty(tokens, hidden_size)
     if tokens == 0:
         return out
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    hidden, w13, w2 = last_dim_contiguous(hidden), last_dim_contiguous(w13), last_dim_contiguous(w2)
     precision = "ieee" if w13.dtype == torch.float32 else None
     step = max(1, CHUNK_PAIRS // k)
     for t0 in range(0, tokens, step):

@@ -22,6 +22,7 @@ from .paged_attention import (
     paged_attention,
     write_cache_rows,
 )
+from .strides import last_dim_contiguous
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,7 +49,7 @@ def mha_decode_attention(
         extend_lens = torch.ones(batch, dtype=torch.int32, device=q.device)
         extend_start = torch.arange(batch, dtype=torch.int32, device=q.device)
     return paged_attention(
-        _last_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
+        last_dim_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
         scale=scale, page_size=page_size, max_extend_len=1, num_splits=num_splits, out=out,
         block_m=min(heads // kv_heads, 16), block_n=32, num_warps=4, num_stages=2,
     )
@@ -72,14 +73,10 @@ def mha_extend_attention(
     k_flat = k_cache.view(-1, kv_heads, k_cache.shape[-1])
     v_flat = v_cache.view(-1, kv_heads, v_cache.shape[-1])
     return paged_attention(
-        _last_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
+        last_dim_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
         scale=scale, page_size=page_size, max_extend_len=max_extend_len, num_splits=1, out=out,
         block_m=64, block_n=32, num_warps=4, num_stages=2,
     )
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class TritonMHAAttention(MHAAttentionBackend):

@@ -30,6 +30,7 @@ from .paged_attention import (
     paged_attention,
     write_cache_rows,
 )
+from .strides import last_dim_contiguous
 
 _COMPUTE = (torch.float16, torch.bfloat16, torch.float32)
 _CACHE = _COMPUTE + (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -63,15 +64,11 @@ def mla_decode_attention(
         extend_lens = torch.ones(batch, dtype=torch.int32, device=q_latent.device)
         extend_start = torch.arange(batch, dtype=torch.int32, device=q_latent.device)
     return paged_attention(
-        _last_contiguous(q_latent), _last_contiguous(q_pe), k1, k2, None,
+        last_dim_contiguous(q_latent), last_dim_contiguous(q_pe), k1, k2, None,
         page_table, seq_lens, extend_lens, extend_start,
         scale=scale, page_size=page_size, max_extend_len=1, num_splits=num_splits, out=out,
         block_m=min(q_latent.shape[1], 16), block_n=32, num_warps=4, num_stages=2,
     )
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class TritonMLAAttention(MLAAttentionBackend):
@@ -136,7 +133,7 @@ class TritonMLAAttention(MLAAttentionBackend):
         # The latent output stays in float32 until w_vc is applied.
         o_lat = torch.empty(q_nope.shape[0], q_nope.shape[1], rank, dtype=cd, device=q_nope.device)
         paged_attention(
-            q_lat, _last_contiguous(q_pe), flat[:, :rank].unsqueeze(1), flat[:, rank:].unsqueeze(1), None,
+            q_lat, last_dim_contiguous(q_pe), flat[:, :rank].unsqueeze(1), flat[:, rank:].unsqueeze(1), None,
             meta.page_table, meta.seq_lens, meta.extend_lens, meta.extend_start,
             scale=s.scale, page_size=meta.page_size, max_extend_len=max(meta.extend_lens_cpu, default=0),
             num_splits=1, out=o_lat, block_m=16, block_n=32, num_warps=4, num_stages=1,
