@@ -1,10 +1,12 @@
 """The device contract: every hook a dsserve device plugin may implement.
 
 A plugin is a module or object with functions marked `@dsserve.hookimpl`, registered through the
-`dsserve.plugins` entry-point group. For the backend hooks pluggy asks plugins in turn (the last
-registered first; `tryfirst=True` jumps the queue) and the first non-None answer wins; the core's
-torch-native reference (`dsserve.core.reference`) answers last, so a plugin implements only what it
-does better. Return None for a device or spec you do not serve.
+`dsserve.plugins` entry-point group. The backend hooks for a device are asked only of the plugins
+whose `dsserve_devices` provide that device (and of plugins the user let override it, see
+`dsserve.core.plugins`), so an implementation need not check `device.name`. pluggy asks them in turn
+(the last registered first; `tryfirst=True` jumps the queue) and the first non-None answer wins; the
+core's torch-native reference (`dsserve.core.reference`) answers last, so a plugin implements only
+what it does better. Return None for a spec you do not serve.
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""The plugin manager: finds device plugins, picks the device, resolves backends through the hooks."""
+"""The plugin manager: finds device plugins, picks the device, resolves backends through the hooks.
+
+A device's hooks are asked only of the plugins that provide that device (then of the reference):
+installing a plugin for one device never changes what another device runs. A plugin that means to
+replace an op of another plugin's device (a faster MoE kernel for `cpu`, say) does so only where
+the user enables it: DSSERVE_PLUGIN_OVERRIDES=plugin:device[,plugin:device...].
+"""
 from __future__ import annotations
 
 import os
@@ -21,6 +27,7 @@ from .backends import (
 
 ENTRY_POINT_GROUP = "dsserve.plugins"
 DISABLE_ENV = "DSSERVE_DISABLE_PLUGINS"
+OVERRIDES_ENV = "DSSERVE_PLUGIN_OVERRIDES"
 REFERENCE_NAME = "reference"
 HOOK_FAMILIES = {
     "dsserve_devices": "devices",
@@ -56,13 +63,16 @@ def availability(device: Device) -> tuple[bool, str]:
 class PluginRegistry:
     """Owns one pluggy PluginManager with the reference, the entry-point plugins and any extras."""
 
-    def __init__(self, load_entry_points: bool = True, blocked: list[str] | None = None):
+    def __init__(self, load_entry_points: bool = True, blocked: list[str] | None = None,
+                 overrides: list[str] | None = None):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         if blocked is None:
-            blocked = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()]
+            blocked = _env_list(DISABLE_ENV)
         for name in blocked:
             self.pm.set_blocked(name)
+        self.overrides = _parse_overrides(_env_list(OVERRIDES_ENV) if overrides is None else overrides)
+        self._providers: dict[str, set[str]] | None = None  # device name -> plugins providing it
         from . import reference
 
         self.pm.register(reference, name=REFERENCE_NAME)
@@ -74,10 +84,18 @@ class PluginRegistry:
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
+        self._providers = None
+
+    def unregister(self, name: str) -> None:
+        """Remove `name` and the overrides granted to it (it may be registered again)."""
+        self.pm.unregister(name=name)
+        self.overrides = {(p, d) for p, d in self.overrides if p != name}
+        self._providers = None
 
     def block(self, name: str) -> None:
         """Unregister `name` and refuse it from now on."""
         self.pm.set_blocked(name)
+        self._providers = None
 
     def plugins(self) -> list[PluginInfo]:
         dists = {id(p): d for p, d in self.pm.list_plugin_distinfo()}
@@ -130,23 +148,58 @@ class PluginRegistry:
             reasons.append(f"device '{name}' (plugin '{plugin}') is unavailable: {reason}")
         raise DeviceError("; ".join(reasons))
 
+    def allow_override(self, plugin: str, device: str) -> None:
+        """Let `plugin` answer `device`'s hooks too (what DSSERVE_PLUGIN_OVERRIDES says)."""
+        self.overrides.add((plugin, device))
+
+    def plugins_for(self, device: Device) -> set[str]:
+        """The plugins asked for `device`'s ops: those providing it, those the user let override it
+        (DSSERVE_PLUGIN_OVERRIDES), and the reference."""
+        if self._providers is None:
+            self._providers = {}
+            for d, plugin in self.devices():
+                self._providers.setdefault(d.name, set()).add(plugin)
+        overriding = {plugin for plugin, name in self.overrides if name == device.name}
+        return self._providers.get(device.name, set()) | overriding | {REFERENCE_NAME}
+
+    def _hook(self, name: str, device: Device):
+        """Hook `name` as called for `device`: pluggy's caller without the other devices' plugins."""
+        asked = self.plugins_for(device)
+        others = [p for n, p in self.pm.list_name_plugin() if p is not None and n not in asked]
+        return self.pm.subset_hook_caller(name, remove_plugins=others)
+
     # -- backends: the first plugin answering wins, the reference answers last
     def attention_backend(self, device: Device, spec: AttentionSpec) -> AttentionBackend:
-        return _answer(self.pm.hook.dsserve_attention_backend(device=device, spec=spec), device,
+        return _answer(self._hook("dsserve_attention_backend", device)(device=device, spec=spec), device,
                        f"{spec.kind} attention in {str(spec.dtype).removeprefix('torch.')}")
 
     def moe_backend(self, device: Device, spec: MoESpec) -> MoEBackend:
-        return _answer(self.pm.hook.dsserve_moe_backend(device=device, spec=spec), device,
+        return _answer(self._hook("dsserve_moe_backend", device)(device=device, spec=spec), device,
                        f"MoE experts with quantization '{spec.quant}'")
 
     def linear_method(self, device: Device, spec: LinearSpec) -> LinearMethod:
-        return _answer(self.pm.hook.dsserve_linear_method(device=device, spec=spec), device,
+        return _answer(self._hook("dsserve_linear_method", device)(device=device, spec=spec), device,
                        f"quantization '{spec.quant}'")
 
     def communicator(self, device: Device, group: object, rank: int, world_size: int) -> Communicator:
-        return _answer(
-            self.pm.hook.dsserve_communicator(device=device, group=group, rank=rank, world_size=world_size),
-            device, f"collectives over {world_size} ranks")
+        caller = self._hook("dsserve_communicator", device)
+        return _answer(caller(device=device, group=group, rank=rank, world_size=world_size),
+                       device, f"collectives over {world_size} ranks")
+
+
+def _env_list(name: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(name, "").split(",") if x.strip()]
+
+
+def _parse_overrides(entries: list[str]) -> set[tuple[str, str]]:
+    """{(plugin, device)} from "plugin:device" entries."""
+    pairs = set()
+    for entry in entries:
+        plugin, sep, device = entry.partition(":")
+        if not sep or not plugin.strip() or not device.strip():
+            raise DeviceError(f"{OVERRIDES_ENV}: '{entry}' is not PLUGIN:DEVICE (e.g. example:cpu)")
+        pairs.add((plugin.strip(), device.strip()))
+    return pairs
 
 
 def _answer(backend, device: Device, what: str):

@@ -171,12 +171,12 @@ def w8a8(engine, runs) -> list[torch.Tensor]:
 
 
 def _prompt_logits(engine, ids: list[int]) -> torch.Tensor:
-    from dsserve.core.model_runner import BatchItem
+    from dsserve.core.batch import BatchItem
 
     runner = engine.runner
     pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(ids)))
     try:
-        return runner.forward(runner.make_batch([BatchItem(ids, 0, pages, "all")]))
+        return runner.forward([BatchItem(ids, 0, pages, "all")])
     finally:
         runner.kv.allocator.free(pages)
 
@@ -274,7 +274,7 @@ def test_without_activation_rounding_the_model_is_the_oracle(ckpt, runs):
     """The loading itself is exact: with an fp8 method that keeps activations unquantized, every
     logit equals the dequantised oracle's to float32 rounding (measured: 1.7e-13 normalised)."""
     from dsserve.core.hookspecs import hookimpl
-    from dsserve.core.plugins import default_registry
+    from plugin_util import serving_cpu
 
     from dsserve import Engine
 
@@ -283,13 +283,9 @@ def test_without_activation_rounding_the_model_is_the_oracle(ckpt, runs):
         def dsserve_linear_method(self, device, spec):
             return DequantizingFp8Linear(spec) if spec.quant == "fp8_block" else None
 
-    registry = default_registry()
-    registry.register(Dequantizing(), name="dequantizing-fp8")
-    try:
-        with Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024) as eng:
-            got = [_prompt_logits(eng, seq) for seq in runs.seqs]
-    finally:
-        registry.pm.unregister(name="dequantizing-fp8")
+    with serving_cpu(Dequantizing(), "dequantizing-fp8"), \
+            Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024) as eng:
+        got = [_prompt_logits(eng, seq) for seq in runs.seqs]
     err = _nerr(got, runs.oracle)
     print(f"\nnormalised logit error without activation rounding: {err:.1e}")
     assert err < 1e-9
@@ -500,7 +496,7 @@ def test_rocm_fnuz_conversion_runs_after_loading(ckpt):
     Linear ends up e4m3fnuz with doubled scales and MLA's absorbed weights are unchanged."""
     pytest.importorskip("triton")
     from dsserve.core.hookspecs import hookimpl
-    from dsserve.core.plugins import default_registry
+    from plugin_util import serving_cpu
     from dsserve.models.layers import Linear
     from dsserve.plugins.rocm.fp8_linear import Fp8BlockLinearFnuz
 
@@ -511,12 +507,8 @@ def test_rocm_fnuz_conversion_runs_after_loading(ckpt):
         def dsserve_linear_method(self, device, spec):
             return Fp8BlockLinearFnuz(spec) if spec.quant == "fp8_block" else None
 
-    registry = default_registry()
-    registry.register(FnuzOnCpu(), name="fnuz-on-cpu")
-    try:
+    with serving_cpu(FnuzOnCpu(), "fnuz-on-cpu"):
         eng = Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024)
-    finally:
-        registry.pm.unregister(name="fnuz-on-cpu")
     try:
         model = eng.runner.model
         fp8 = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]

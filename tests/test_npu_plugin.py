@@ -9,6 +9,7 @@ import pytest
 import torch
 from dsserve.core.backends import AttentionSpec, MoESpec
 from dsserve.core.forward_batch import AttentionMetadata
+from dsserve.core.plugins import PluginRegistry
 from dsserve.plugins.npu import NpuDevice, kernels
 
 
@@ -29,22 +30,18 @@ def _moe(**kw):
     return MoESpec(**base)
 
 
-class _Dev:
-    def __init__(self, name):
-        self.name = name
-
-
 def test_importing_the_plugin_and_kernels_imports_no_torch_npu():
     code = ("import sys, dsserve.plugins.npu, dsserve.plugins.npu.kernels\n"
             "assert 'torch_npu' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_hooks_return_none_for_other_devices():
-    dev = _Dev("cpu")
-    assert npu_plugin.dsserve_attention_backend(dev, _mha()) is None
-    assert npu_plugin.dsserve_moe_backend(dev, _moe()) is None
-    assert npu_plugin.dsserve_communicator(dev, None, 0, 1) is None
+def test_the_registry_asks_the_npu_plugin_only_for_npu():
+    """Its hooks need no device check: the registry routes only npu's ops to it."""
+    registry = PluginRegistry(overrides=[])
+    devices = {d.name: d for d, _ in registry.devices()}
+    assert "npu" in registry.plugins_for(devices["npu"])
+    assert "npu" not in registry.plugins_for(devices["cpu"])
 
 
 @pytest.mark.skipif(npu_plugin.torch_npu_problem() is None, reason="torch_npu importable here")

@@ -18,7 +18,7 @@ import dsserve
 from dsserve.core.backends import AttentionSpec, Device, LinearSpec, MoESpec
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.plugin_report import render_plugins
-from dsserve.core.plugins import DISABLE_ENV, DeviceError, PluginRegistry
+from dsserve.core.plugins import DISABLE_ENV, OVERRIDES_ENV, DeviceError, PluginRegistry
 from dsserve.core.reference import (
     ReferenceMLAAttention,
     ReferenceMoE,
@@ -34,6 +34,7 @@ GPU_LIKE = ("cuda", "rocm", "npu")
 @pytest.fixture
 def registry(monkeypatch):
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
     return PluginRegistry()
 
 
@@ -203,11 +204,14 @@ class RecordingPlugin:
 def test_tryfirst_plugin_overrides_one_hook_then_block_restores(registry):
     cpu = registry.select_device("cpu")
     spec = _moe_spec()
-    # ReferenceMoE from the cpu plugin, or an installed third-party override (the example plugin's)
     before = type(registry.moe_backend(cpu, spec))
+    assert before is ReferenceMoE  # the cpu plugin's, whatever else is installed
     plugin = RecordingPlugin()
     registry.register(plugin, name="recording-moe")
     assert "recording-moe" in [i.name for i in registry.plugins()]
+    # it provides no cpu device: installed, it changes nothing for cpu until the user lets it
+    assert type(registry.moe_backend(cpu, spec)) is before
+    registry.allow_override("recording-moe", "cpu")
 
     backend = registry.moe_backend(cpu, spec)
     assert isinstance(backend, RecordingMoE)
@@ -231,7 +235,46 @@ def test_tryfirst_plugin_overrides_one_hook_then_block_restores(registry):
     assert plugin.calls == ["select_experts", "compute_experts"]
 
 
-def test_cpu_plugin_answers_only_for_cpu(registry):
+class _RecordingDevicePlugin:
+    """Provides device `name` and records every MoE hook call it gets."""
+
+    def __init__(self, name: str):
+        self.name, self.asked = name, []
+
+    @hookimpl
+    def dsserve_devices(self):
+        return [type("Dev", (CpuDevice,), {"name": self.name})()]
+
+    @hookimpl(tryfirst=True)
+    def dsserve_moe_backend(self, device, spec):
+        self.asked.append(device.name)
+        return None
+
+
+def test_a_device_hooks_are_asked_only_of_its_plugins(registry):
+    """Per-device registration: a plugin is never asked for another plugin's device unless the user
+    enables that override (DSSERVE_PLUGIN_OVERRIDES=plugin:device)."""
+    plugin = _RecordingDevicePlugin("recording-device")
+    registry.register(plugin, name="recording")
+    cpu, own = _device(registry, "cpu"), _device(registry, "recording-device")
+    registry.moe_backend(cpu, _moe_spec())
+    assert plugin.asked == []
+    assert type(registry.moe_backend(own, _moe_spec())) is ReferenceMoE  # it declined; the reference answers
+    assert plugin.asked == ["recording-device"]
+    registry.allow_override("recording", "cpu")
+    registry.moe_backend(cpu, _moe_spec())
+    assert plugin.asked == ["recording-device", "cpu"]
+
+
+def test_plugin_overrides_from_the_environment(monkeypatch):
+    monkeypatch.setenv(OVERRIDES_ENV, "recording:cpu, other:npu")
+    assert PluginRegistry(load_entry_points=False).overrides == {("recording", "cpu"), ("other", "npu")}
+    monkeypatch.setenv(OVERRIDES_ENV, "recording")
+    with pytest.raises(DeviceError, match="'recording' is not PLUGIN:DEVICE"):
+        PluginRegistry(load_entry_points=False)
+
+
+def test_cpu_plugin_answers(registry):
     import dsserve.plugins.cpu as cpu_plugin
 
     cpu, other = _device(registry, "cpu"), _device(registry, "cuda")
@@ -243,10 +286,6 @@ def test_cpu_plugin_answers_only_for_cpu(registry):
     assert isinstance(cpu_plugin.dsserve_linear_method(device=cpu, spec=linear), UnquantizedLinear)
     comm = cpu_plugin.dsserve_communicator(device=cpu, group=None, rank=0, world_size=1)
     assert isinstance(comm, SingleProcessCommunicator) and comm.world_size == 1
-    assert cpu_plugin.dsserve_attention_backend(device=other, spec=mla) is None
-    assert cpu_plugin.dsserve_moe_backend(device=other, spec=_moe_spec()) is None
-    assert cpu_plugin.dsserve_linear_method(device=other, spec=linear) is None
-    assert cpu_plugin.dsserve_communicator(device=other, group=None, rank=0, world_size=1) is None
     # a scheme the cpu plugin does not name is left to the reference
     fp8 = LinearSpec(16, 8, False, torch.float32, quant="fp8_block", weight_block_size=(128, 128))
     assert cpu_plugin.dsserve_linear_method(device=cpu, spec=fp8) is None
@@ -383,3 +422,19 @@ def test_cpu_setup_threads(monkeypatch, caplog):
         assert torch.get_num_threads() == 1  # the user's setting is left alone
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsserve_plugin_example") is None,
+                    reason="dsserve-plugin-example is not installed (.ci/run installs it)")
+def test_installed_example_plugin_overrides_cpu_only_when_asked(monkeypatch):
+    """Installing a plugin does not change what `cpu` runs for everyone; the user opts in per device."""
+    from dsserve_plugin_example import ReverseOrderMoE
+
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
+    registry = PluginRegistry()
+    cpu, example = _device(registry, "cpu"), _device(registry, "example-cpu")
+    assert type(registry.moe_backend(cpu, _moe_spec())) is ReferenceMoE
+    assert type(registry.moe_backend(example, _moe_spec())) is ReverseOrderMoE
+    monkeypatch.setenv(OVERRIDES_ENV, "example:cpu")
+    assert type(PluginRegistry().moe_backend(cpu, _moe_spec())) is ReverseOrderMoE

@@ -38,8 +38,6 @@ def dsserve_devices() -> list[Device]:
 
 @hookimpl
 def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionBackend | None:
-    if device.name != DEVICE_NAME:
-        return None
     from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention
 
     if spec.kind == "mla":
@@ -51,7 +49,7 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 
 @hookimpl
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
-    if device.name != DEVICE_NAME or spec.quant != "none":
+    if spec.quant != "none":
         return None
     from dsserve.core.reference import ReferenceMoE
 
@@ -60,7 +58,7 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 
 @hookimpl
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
-    if device.name != DEVICE_NAME or spec.quant != "none":
+    if spec.quant != "none":
         return None
     from .onednn import OneDnnLinear
 
@@ -72,4 +70,4 @@ def dsserve_communicator(device: Device, group: object, rank: int, world_size: i
     """torch.distributed collectives over gloo groups."""
     from dsserve.core.reference import torch_communicator
 
-    return torch_communicator(group, rank, world_size) if device.name == DEVICE_NAME else None
+    return torch_communicator(group, rank, world_size)

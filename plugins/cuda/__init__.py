@@ -108,8 +108,6 @@ def _deepgemm_unusable(spec: LinearSpec) -> str | None:
 
 @hookimpl
 def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionBackend | None:
-    if device.name != DEVICE_NAME:
-        return None
     if spec.kind == "mla":
         reason = _flashmla_unusable(spec)
         if reason is None:
@@ -127,12 +125,12 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 
 @hookimpl
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
-    return triton_moe(DEVICE_NAME, spec) if device.name == DEVICE_NAME else None
+    return triton_moe(DEVICE_NAME, spec)
 
 
 @hookimpl
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
-    if device.name != DEVICE_NAME or spec.quant != "fp8_block":
+    if spec.quant != "fp8_block":
         return None  # unquantized GEMMs: the reference's F.linear is cuBLAS already
     kernels = triton_kernels(DEVICE_NAME)
     if kernels is None or not kernels.Fp8BlockLinear.supports(spec):
@@ -154,4 +152,4 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
 @hookimpl
 def dsserve_communicator(device: Device, group: object, rank: int, world_size: int) -> Communicator | None:
     """torch.distributed collectives over NCCL groups."""
-    return torch_communicator(group, rank, world_size) if device.name == DEVICE_NAME else None
+    return torch_communicator(group, rank, world_size)

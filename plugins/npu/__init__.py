@@ -116,9 +116,7 @@ def torch_npu_problem() -> str | None:
     return None
 
 
-def _usable(device: Device, what: str) -> bool:
-    if device.name != DEVICE_NAME:
-        return False
+def _usable(what: str) -> bool:
     problem = torch_npu_problem()
     if problem:
         say_once(f"npu: {what} by the torch reference ({problem})")
@@ -128,7 +126,7 @@ def _usable(device: Device, what: str) -> bool:
 
 @hookimpl
 def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionBackend | None:
-    if not _usable(device, f"{spec.kind} attention"):
+    if not _usable(f"{spec.kind} attention"):
         return None
     from .kernels import NpuMHAAttention, NpuMLAAttention
 
@@ -145,7 +143,7 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 
 @hookimpl
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
-    if not _usable(device, "MoE"):
+    if not _usable("MoE"):
         return None
     from .kernels import NpuMoE
 
@@ -160,7 +158,7 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 
 @hookimpl
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
-    if device.name == DEVICE_NAME and spec.quant != "none":
+    if spec.quant != "none":
         say_once(f"npu: {spec.quant} linear layers by the torch reference (not served by the npu plugin)")
     return None  # unquantized: the reference's F.linear runs on the NPU
 
@@ -168,4 +166,4 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
 @hookimpl
 def dsserve_communicator(device: Device, group: object, rank: int, world_size: int) -> Communicator | None:
     """torch.distributed collectives over HCCL groups."""
-    return torch_communicator(group, rank, world_size) if device.name == DEVICE_NAME else None
+    return torch_communicator(group, rank, world_size)

@@ -2,10 +2,11 @@
 
 It registers through the "dsserve.plugins" entry point (see pyproject.toml) and does two things:
 
-* overrides one op of an existing device: the MoE backend for `cpu`, with `tryfirst=True` so that
-  it is asked before the built-in cpu plugin;
 * adds a device, `example-cpu`, backed by the host CPU. For it this plugin serves the MoE backend
-  only; every other hook returns None here, so dsserve's torch-native reference answers them.
+  only; every other hook returns None here, so dsserve's torch-native reference answers them;
+* can override one op of another plugin's device: the MoE backend of `cpu`, where the user asks
+  for it with DSSERVE_PLUGIN_OVERRIDES=example:cpu (dsserve asks a device's hooks only of the plugins
+  providing it unless told so; `tryfirst=True` then puts this answer before the cpu plugin's).
 
 Importing this module imports nothing beyond dsserve and torch, as a plugin for a device whose
 library may be missing must: such imports go inside the hooks.
@@ -20,9 +21,6 @@ from .moe import ReverseOrderMoE
 
 __all__ = ["ExampleCpuDevice", "ReverseOrderMoE", "DEVICE_NAME"]
 
-# The devices whose MoE this plugin serves: its own and the built-in cpu.
-MOE_DEVICES = (DEVICE_NAME, "cpu")
-
 
 @hookimpl
 def dsserve_devices() -> list[Device]:
@@ -31,6 +29,7 @@ def dsserve_devices() -> list[Device]:
 
 @hookimpl(tryfirst=True)
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
-    if device.name not in MOE_DEVICES or spec.quant != "none":
+    # Asked for example-cpu, and for cpu where the user enabled example:cpu.
+    if spec.quant != "none":
         return None  # not ours: the next plugin (finally the reference) is asked
     return ReverseOrderMoE(spec)
