@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from dsserve.core.engine import Engine
-    from dsserve.core.sampling import SamplingParams
+    from dsserve.core.sampling_params import SamplingParams
 
     for name in ("batch_size", "input_len", "output_len"):
         if any(v < 1 for v in getattr(ns, name)):

@@ -8,6 +8,9 @@ prompts with first chunks, a mixed pass finishing the chunks beside decodes, the
 float32: the greedy tokens must be identical and the logits close. The device's default dtype (when it
 is not float32): run teacher-forced over the float32 reference's tokens, the logits must stay close
 and the first greedy token of each prompt must agree wherever the reference's choice is clear.
+
+A case checks the device's own code when at least one backend dsserve-tiny is built with is not the
+core's reference; otherwise it would compare the reference with itself, and is skipped as "reference".
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import time
 import pytest
 import torch
 
-from dsserve.conformance.harness import HOST, Context, dtype_name, synchronize
+from dsserve.conformance.harness import HOST, Context, class_path, dtype_name, is_reference, synchronize
 from dsserve.core.config import EngineArgs
 from dsserve.core.hookspecs import hookimpl
-from dsserve.core.model_runner import BatchItem, ModelRunner
+from dsserve.core.batch import BatchItem
+from dsserve.core.model_runner import ModelRunner
 from dsserve.core.plugins import PluginRegistry
 
 PROMPT_LENS = (4, 11, 27, 50)
@@ -49,6 +53,44 @@ def reference_registry(ctx: Context) -> PluginRegistry:
     registry = PluginRegistry(load_entry_points=False, blocked=[])
     registry.register(_DeviceOnly(ctx.device), name="conformance-device-only")
     return registry
+
+
+class Recording:
+    """The device's registry, noting the class of every backend it hands out while dsserve-tiny is
+    built: what the run exercises, whichever plugin (or the reference) answered."""
+
+    BACKEND_HOOKS = ("attention_backend", "moe_backend", "linear_method", "communicator")  # see hookspecs
+
+    def __init__(self, registry: PluginRegistry):
+        self.registry = registry
+        self.served: set[str] = set()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.registry, name)
+        if name not in self.BACKEND_HOOKS:
+            return attr
+
+        def answer(*args, **kwargs):
+            backend = attr(*args, **kwargs)
+            self.served.add(class_path(backend))
+            return backend
+
+        return answer
+
+
+def device_runner(ctx: Context, case, dtype: torch.dtype) -> ModelRunner:
+    """dsserve-tiny built from the device's registry; the case notes every backend it was given.
+    Skips the case (status "reference") when all of them are the core's reference classes."""
+    recording = Recording(ctx.registry)
+    try:
+        with case.calling(f"building dsserve-tiny on the device in {dtype_name(dtype)}"):
+            runner = make_runner(ctx, recording, dtype)
+    finally:
+        case.props["served_by"] = sorted(recording.served)
+    if recording.served and all(is_reference(p) for p in recording.served):
+        case.reference_only("every backend dsserve-tiny is built with is the core's reference: the run "
+                            "would compare the reference with itself")
+    return runner
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -105,7 +147,7 @@ def generate(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[list
             first = False
             synchronize(runner.torch_device)
             t0 = time.perf_counter()
-            logits = runner.forward(runner.make_batch(items))
+            logits = runner.forward(items)
             synchronize(runner.torch_device)
             seconds += time.perf_counter() - t0
             row = 0
@@ -141,8 +183,7 @@ def test_greedy_float32(ctx: Context, make_case, reference_run):
     case.note_dtype(torch.float32)
     case.props["implementation"] = "dsserve-tiny"
     ids, want_tokens, want_logits, ref_seconds = reference_run
-    with case.calling("building dsserve-tiny on the device"):
-        runner = make_runner(ctx, ctx.registry, torch.float32)
+    runner = device_runner(ctx, case, torch.float32)
     with case.calling("greedy generation"):
         tokens, logits, seconds = timed_generate(runner, ids)
     for i, (got, want) in enumerate(zip(tokens, want_tokens)):
@@ -167,8 +208,7 @@ def test_default_dtype_stays_close(ctx: Context, make_case, reference_run):
         case.skip(f"no end-to-end bound for the default dtype {name}")
     case.note_dtype(dtype)
     ids, want_tokens, want_logits, _ = reference_run
-    with case.calling(f"building dsserve-tiny on the device in {name}"):
-        runner = make_runner(ctx, ctx.registry, dtype)
+    runner = device_runner(ctx, case, dtype)
     with case.calling("teacher-forced generation"):
         _, logits, seconds = timed_generate(runner, ids, forced=want_tokens)
     case.compare("logits against the float32 reference", torch.cat(logits), torch.cat(want_logits), dtype,

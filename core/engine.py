@@ -1,7 +1,7 @@
 """Engine: the offline API and the server's backend.
 
-A background thread owns the model and the KV cache and repeats one step: schedule, run, process
-results. Callers on any thread submit with `add_request` and read the returned handle.
+A background thread owns the model and the KV cache and repeats one step: take the inbox, schedule,
+run, postprocess, emit. Callers on any thread submit with `add_request` and read the returned handle.
 """
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ from typing import Callable
 
 import torch
 
+from .batch import ScheduledBatch
 from .config import EngineArgs
+from .errors import RequestError
+from .messages import AbortRequest, AddRequest, FlushCache, InboxMessage
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .radix_cache import RadixCache
-from .request import GenerateOutput, Request, RequestHandle
-from .sampling import SamplingParams, sample
-from .scheduler import ScheduledBatch, Scheduler
+from .request import Finish, GenerateOutput, Request, RequestHandle
+from .sampling import SampleOutput, sample_batch
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
 
 log = logging.getLogger("dsserve")
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as given (too long, empty); the message is for the client."""
 
 
 class Engine:
@@ -53,12 +53,11 @@ class Engine:
             self.tree = RadixCache(kv.allocator, kv.page_size, enabled=not args.disable_radix_cache)
             self.scheduler = Scheduler(kv, self.tree, args.max_running_requests, args.chunked_prefill_size)
             self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.metrics)
-            self._requests: dict[str, Request] = {}
-            self._inbox: deque = deque()
+            self._inbox: deque[InboxMessage] = deque()
             self._wakeup = threading.Condition()
             self._rids = itertools.count()
             self._stopping = False
-            self._pending_flush: list[threading.Event] = []
+            self._pending_flushes: list[threading.Event] = []
         except BaseException:
             self._abandoned = True  # the engine thread, waiting on _started, exits
             raise
@@ -117,13 +116,7 @@ class Engine:
         when it returns a token id, that token is emitted instead of the sampled one.
         """
         params = sampling_params or SamplingParams()
-        ids = self._prompt_ids(prompt, input_ids)
-        limit = self.runner.max_context
-        if len(ids) + params.max_new_tokens > limit:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"maximum context of {limit} tokens"
-            )
+        ids = self._validated_prompt(prompt, input_ids, params)
         n = next(self._rids)
         rid = rid or f"req-{n}"
         seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + n
@@ -132,30 +125,29 @@ class Engine:
                       want_prompt_logprobs=return_prompt_logprobs, token_override=token_override)
         req.prompt_logprobs = [None] if return_prompt_logprobs else []
         req.prompt_top_logprobs = [None] if return_prompt_logprobs and params.top_logprobs else []
-        with self._wakeup:
-            if self._stopping:
-                raise RequestError("the engine is shutting down")
-            self._inbox.append(("add", req))
-            self._wakeup.notify()
+        self._send(AddRequest(req))
         return handle
 
     def abort(self, rid: str) -> None:
-        with self._wakeup:
-            self._inbox.append(("abort", rid))
-            self._wakeup.notify()
+        self._send(AbortRequest(rid))
 
     def queue_depth(self) -> int:
         """Requests submitted and not yet running (the server's back-pressure signal)."""
         with self._wakeup:
-            return sum(1 for kind, _ in self._inbox if kind == "add") + len(self.scheduler.waiting)
+            return sum(isinstance(m, AddRequest) for m in self._inbox) + len(self.scheduler.waiting)
 
     def flush_cache(self) -> None:
         """Empty the prefix cache once the engine is idle (blocks until done)."""
         done = threading.Event()
-        with self._wakeup:
-            self._inbox.append(("flush", done))
-            self._wakeup.notify()
+        self._send(FlushCache(done))
         done.wait()
+
+    def _send(self, message: InboxMessage) -> None:
+        with self._wakeup:
+            if self._stopping and isinstance(message, AddRequest):
+                raise RequestError("the engine is shutting down")
+            self._inbox.append(message)
+            self._wakeup.notify()
 
     def generate(
         self,
@@ -192,103 +184,97 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _prompt_ids(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+    def _validated_prompt(self, prompt: str | None, input_ids: list[int] | None,
+                          params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or the RequestError that names what the client got wrong: the one
+        place a request is checked against this model (the server relies on it)."""
         if prompt is not None:
             if self.tokenizer is None:
-                raise RequestError("this checkpoint has no tokenizer; send token ids")
+                raise RequestError("this model has no tokenizer: send token ids", param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(input_ids or [])
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", param="prompt")
         vocab = self.runner.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        limit = self.runner.max_context
+        if len(ids) >= limit:
+            raise RequestError(f"the prompt has {len(ids)} tokens, but this model's maximum context is {limit} "
+                               "tokens", param="prompt", code="context_length_exceeded")
+        if len(ids) + params.max_new_tokens > limit:
+            raise RequestError(
+                f"this model's maximum context is {limit} tokens, but the prompt ({len(ids)} tokens) plus "
+                f"{{param}} ({params.max_new_tokens}) exceeds it", param="max_new_tokens",
+                code="context_length_exceeded")
         return ids
 
     # --------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
-        while self._take_inbox():
-            batch = self.scheduler.schedule()
-            if batch is None:
-                self._update_metrics()  # aborts and flushes change the counts without a forward pass
-                continue
-            try:
-                logits = self.runner.forward(self.runner.make_batch(batch.items))
-                self._process(batch, logits)
-            except Exception as e:  # one broken batch must not take the engine down
-                log.error("forward pass failed: %s", traceback.format_exc())
-                for req in batch.requests:
-                    self._end(req, ("error", None), error=f"internal error: {e}")
-            self._update_metrics()
-        for req in list(self._requests.values()):
-            self._end(req, ("abort", None), error="the engine shut down")
+        while self._wait_for_work():
+            self._step()
+        for message in self._take_inbox():  # what was sent before the shutdown is answered too
+            self._apply(message)
+        for req in self.scheduler.abort_all():
+            self.outputs.emit(req, Finish("abort"), error="the engine shut down")
 
-    def _take_inbox(self) -> bool:
-        """Apply queued adds and aborts; sleep while idle. False once shutting down."""
+    def _step(self) -> None:
+        """One engine step: take the inbox, schedule, run, postprocess (the scheduler's), emit."""
+        for message in self._take_inbox():
+            self._apply(message)
+        self._complete_flushes()
+        batch = self.scheduler.schedule()
+        if batch is not None:
+            sampled = self._forward(batch)
+            if sampled is not None:
+                finished = self.scheduler.postprocess(batch, sampled, self.outputs.check_finish)
+                self.outputs.emit_step(batch.sampling, finished)
+        self._update_metrics()
+
+    def _forward(self, batch: ScheduledBatch) -> SampleOutput | None:
+        """The batch's next tokens; None when the pass failed (its requests are then ended with an
+        error: one broken batch must not take the engine down)."""
+        try:
+            return sample_batch(batch, self.runner.forward(batch.items))
+        except Exception as e:
+            log.error("forward pass failed: %s", traceback.format_exc())
+            for req in batch.requests:
+                self.scheduler.finish(req)
+                self.outputs.emit(req, Finish("error"), error=f"internal error: {e}")
+            return None
+
+    def _wait_for_work(self) -> bool:
+        """Sleep while there is nothing to do; False once shutting down."""
         with self._wakeup:
             while not self._inbox and not self.scheduler.has_work() and not self._stopping:
                 self._wakeup.wait()
-            items = list(self._inbox)
+            return not self._stopping
+
+    def _take_inbox(self) -> list[InboxMessage]:
+        with self._wakeup:
+            messages = list(self._inbox)
             self._inbox.clear()
-            stopping = self._stopping
-        for kind, x in items:
-            if kind == "add":
-                self._requests[x.rid] = x
-                self.outputs.start(x)
-                self.scheduler.add(x)
-            elif kind == "flush":
-                self._pending_flush.append(x)
-            elif x in self._requests:
-                self._end(self._requests[x], ("abort", None))
-        if self._pending_flush and not self.scheduler.has_work():
+            return messages
+
+    def _apply(self, message: InboxMessage) -> None:
+        if isinstance(message, AddRequest):
+            self.outputs.start(message.request)
+            self.scheduler.add(message.request)
+        elif isinstance(message, AbortRequest):
+            req = self.scheduler.abort(message.rid)
+            if req is not None:
+                self.outputs.emit(req, Finish("abort"))
+        else:
+            self._pending_flushes.append(message.done)
+
+    def _complete_flushes(self) -> None:
+        """Flush the prefix cache once no request holds part of it."""
+        if self._pending_flushes and not self.scheduler.has_work():
             self.tree.reset()
-            for done in self._pending_flush:
+            for done in self._pending_flushes:
                 done.set()
-            self._pending_flush.clear()
-        return not stopping
-
-    def _process(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
-        row = 0
-        sampling, sample_rows = [], []
-        for i, (req, item) in enumerate(zip(batch.requests, batch.items)):
-            n_rows = {"all": len(item.new_token_ids), "last": 1, "none": 0}[item.logits]
-            if item.logits == "all":
-                self._record_prompt_logprobs(req, logits[row: row + n_rows])
-            if batch.samples(i):
-                sampling.append(req)
-                sample_rows.append(row + n_rows - 1)
-            req.num_computed += batch.chunks[i]
-            row += n_rows
-        if not sampling:
-            return
-        forced = [r.token_override(r.output_ids) if r.token_override else None for r in sampling]
-        sampled = sample(logits[sample_rows], [r.params for r in sampling], [r.generator for r in sampling],
-                         [(r.prompt_ids, r.output_ids) for r in sampling], forced)
-        for j, req in enumerate(sampling):
-            finish = self.outputs.add_token(req, sampled, j)
-            if finish:
-                self._end(req, finish)
-            else:
-                self.outputs.emit(req)
-
-    def _record_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
-        """Row j scores the token after position num_computed + j (kept once, even after a retraction);
-        with top_logprobs, the k most likely tokens at each prompt position too."""
-        logp = torch.log_softmax(rows.float(), dim=-1)
-        k = req.params.top_logprobs
-        top = logp.topk(k, dim=-1) if k else None
-        for j in range(rows.shape[0]):
-            target = req.num_computed + j + 1
-            if target == len(req.prompt_logprobs) and target < len(req.prompt_ids):
-                req.prompt_logprobs.append(float(logp[j, req.prompt_ids[target]]))
-                if top is not None:
-                    req.prompt_top_logprobs.append(list(zip(top.indices[j].tolist(), top.values[j].tolist())))
-
-    def _end(self, req: Request, finish: tuple[str, int | str | None], error: str | None = None) -> None:
-        self.scheduler.finish(req)
-        self._requests.pop(req.rid, None)
-        self.outputs.emit(req, finish, error)
+            self._pending_flushes.clear()
 
     def _update_metrics(self) -> None:
         m = self.metrics

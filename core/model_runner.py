@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
+from .batch import BatchItem
 from .config import EngineArgs
 from .forward_batch import AttentionMetadata, ForwardBatch
 from .kv_cache import KVPool
@@ -14,16 +13,6 @@ from .plugins import PluginRegistry, default_registry
 log = logging.getLogger("dsserve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class BatchItem:
-    """One sequence's share of a forward pass."""
-
-    new_token_ids: list[int]
-    prefix_len: int           # tokens of this sequence already in the cache
-    pages: list[int]          # all its pages, enough for prefix + new tokens
-    logits: str = "last"      # which rows need logits: "last", "all" (prompt log-probs) or "none"
 
 
 class ModelRunner:
@@ -71,7 +60,16 @@ class ModelRunner:
             tokens = min(tokens, self.context_len * args.max_running_requests)
         return max(2, (tokens + page - 1) // page + 1)  # +1: page 0 is reserved
 
-    def make_batch(self, items: list[BatchItem]) -> ForwardBatch:
+    @torch.inference_mode()
+    def forward(self, items: list[BatchItem]) -> torch.Tensor:
+        """float32 logits of the rows the items ask for (BatchItem.logits), item by item."""
+        batch = self._forward_batch(items)
+        for backend in self.model.attention_backends():  # one per distinct spec, not per layer
+            backend.prepare(batch.attn)
+        hidden = self.model(batch.input_ids, batch.attn, self.kv.caches)
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def _forward_batch(self, items: list[BatchItem]) -> ForwardBatch:
         meta = AttentionMetadata.build(
             prefix_lens=[it.prefix_len for it in items], extend_lens=[len(it.new_token_ids) for it in items],
             page_table=[it.pages for it in items], page_size=self.kv.page_size, device=self.torch_device,
@@ -79,18 +77,10 @@ class ModelRunner:
         rows, start = [], 0
         for it in items:
             n = len(it.new_token_ids)
-            rows.extend({"all": range(start, start + n), "last": [start + n - 1], "none": []}[it.logits])
+            rows.extend(range(start + n - it.num_logit_rows, start + n))  # the last rows of each item
             start += n
         ids = torch.tensor([t for it in items for t in it.new_token_ids], dtype=torch.int64, device=self.torch_device)
         return ForwardBatch(ids, meta, torch.tensor(rows, dtype=torch.int64, device=self.torch_device))
-
-    @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab]."""
-        for backend in self.model.attention_backends():  # one per distinct spec, not per layer
-            backend.prepare(batch.attn)
-        hidden = self.model(batch.input_ids, batch.attn, self.kv.caches)
-        return self.model.compute_logits(hidden[batch.logits_indices])
 
 
 def _weight_block_size(quantization_config: dict | None) -> tuple[int, int] | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 
 from .metrics import Metrics
-from .request import Request, RequestOutput
-from .sampling import SampleOutput
+from .request import Finish, Request, RequestOutput
+from .tag_prefix import held_tag_prefix_len
 
 
 class OutputProcessor:
@@ -19,33 +19,28 @@ class OutputProcessor:
             req.detokenizer = self.tokenizer.incremental_detokenizer(
                 skip_special_tokens=req.params.skip_special_tokens, prompt_ids=req.prompt_ids)
 
-    def add_token(self, req: Request, sampled: SampleOutput, row: int) -> tuple[str, int | str | None] | None:
-        """Record the token sampled for `req` at `row`; returns (finish_reason, matched) when done."""
-        token = sampled.token_ids[row]
+    def check_finish(self, req: Request) -> Finish | None:
+        """Detokenize the token just appended to `req` and say whether `req` is done with it."""
+        token = req.output_ids[-1]
         now = time.perf_counter()
         if req.last_token_time is None:
             self.metrics.observe_ttft(now - req.arrival)
         else:
             self.metrics.observe_itl(now - req.last_token_time)
         req.last_token_time = now
-        req.output_ids.append(token)
-        if sampled.logprobs is not None and (req.params.logprobs or req.params.top_logprobs):
-            req.logprobs.append(sampled.logprobs[row])
-        if sampled.top_logprobs is not None and req.params.top_logprobs:
-            req.top_logprobs.append(sampled.top_logprobs[row])
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            return "stop", token
+            return Finish("stop", token)
         if req.detokenizer is not None:
             req.text += req.detokenizer.step(token)
-            reason = self._check_stop_strings(req)
-            if reason:
-                return reason
+            finish = self._check_stop_strings(req)
+            if finish:
+                return finish
         if len(req.output_ids) >= p.max_new_tokens:
-            return "length", None
+            return Finish("length")
         return None
 
-    def _check_stop_strings(self, req: Request) -> tuple[str, str] | None:
+    def _check_stop_strings(self, req: Request) -> Finish | None:
         stops = req.params.stop
         if not stops:
             return None
@@ -57,11 +52,16 @@ class OutputProcessor:
             return None
         i, s = min(hits)
         req.text = req.text[:i]
-        return "stop", s
+        return Finish("stop", s)
 
-    def emit(self, req: Request, finish: tuple[str, int | str | None] | None = None, error: str | None = None) -> None:
+    def emit_step(self, reqs: list[Request], finished: dict[Request, Finish]) -> None:
+        """Stream what one step gave `reqs`: the finished ones' last output, the others' increments."""
+        for req in reqs:
+            self.emit(req, finished.get(req))
+
+    def emit(self, req: Request, finish: Finish | None = None, error: str | None = None) -> None:
         """Push what is new since the last increment; on finish, everything that is left."""
-        if finish and req.detokenizer is not None and not isinstance(finish[1], str):
+        if finish and req.detokenizer is not None and not isinstance(finish.matched, str):
             req.text += req.detokenizer.finish()
         end = len(req.text) if finish else len(req.text) - self._held_back(req)
         want_lp = req.params.logprobs or req.params.top_logprobs
@@ -75,8 +75,8 @@ class OutputProcessor:
             prompt_top_logprobs=(req.prompt_top_logprobs if req.want_prompt_logprobs and req.params.top_logprobs
                                  and req.sent_tokens == 0 else None),
             finished=finish is not None,
-            finish_reason=finish[0] if finish else None,
-            matched_stop=finish[1] if finish else None,
+            finish_reason=finish.reason if finish else None,
+            matched_stop=finish.matched if finish else None,
             error=error,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
@@ -84,16 +84,10 @@ class OutputProcessor:
         )
         req.sent_tokens, req.sent_text_len, req.sent_logprobs = len(req.output_ids), end, len(req.logprobs)
         if finish:
-            self.metrics.request_finished(req, finish[0])
+            self.metrics.request_finished(req, finish.reason)
         req.handle.push(out)
 
     @staticmethod
     def _held_back(req: Request) -> int:
         """Characters at the end of the text that could be the start of a stop string."""
-        longest = 0
-        for s in req.params.stop or ():
-            for n in range(min(len(s) - 1, len(req.text)), longest, -1):
-                if req.text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
+        return held_tag_prefix_len(req.text, *(req.params.stop or ()))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 @dataclass
@@ -149,7 +149,15 @@ class RequestHandle:
         return GenerateOutput.collect(items)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Finish:
+    """Why a request ended: "stop" (a stop token or string, in `matched`), "length", "abort" or "error"."""
+
+    reason: str
+    matched: int | str | None = None
+
+
+@dataclass(eq=False)  # identity: the scheduler finds and removes requests in its lists
 class Request:
     """Engine-side state. `all_ids` is prompt + output; the first `num_computed` of them have KV in
     the cache, and the next forward pass feeds the rest (a prefill chunk or the one decode token)."""
@@ -182,6 +190,14 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     last_token_time: float | None = None
     retractions: int = 0
+
+    def append_token(self, token: int, logprob: float | None, top_logprobs: list[tuple[int, float]] | None) -> None:
+        """Record a sampled token (and its log-probs, where this request asked for them)."""
+        self.output_ids.append(token)
+        if logprob is not None and (self.params.logprobs or self.params.top_logprobs):
+            self.logprobs.append(logprob)
+        if top_logprobs is not None and self.params.top_logprobs:
+            self.top_logprobs.append(top_logprobs)
 
     @property
     def all_ids(self) -> list[int]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from typing import Callable
 
+from .batch import BatchItem, ScheduledBatch
 from .kv_cache import KVPool
-from .model_runner import BatchItem
 from .radix_cache import RadixCache
-from .request import Request
+from .request import Finish, Request
+from .sampling import SampleOutput
 
 log = logging.getLogger("dsserve")
 
@@ -26,24 +27,15 @@ INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.15, 0.
 LPM_QUEUE_LIMIT = 32
 
 
-@dataclass
-class ScheduledBatch:
-    kind: str                 # "extend" or "decode"
-    requests: list[Request]
-    items: list[BatchItem]
-    chunks: list[int]         # new tokens fed per request
-
-    def samples(self, i: int) -> bool:
-        """Whether request i gets a next token from this pass (its whole input is now computed)."""
-        r = self.requests[i]
-        return r.num_computed + self.chunks[i] == r.num_tokens
-
-
 class Scheduler:
+    """Owns every request from its arrival to its end: the queue, the running set, their KV pages
+    and the token accounting after each pass."""
+
     def __init__(self, kv: KVPool, tree: RadixCache, max_running: int, chunked_prefill_size: int):
         self.kv, self.tree = kv, tree
         self.max_running = max_running
         self.chunk_budget = chunked_prefill_size
+        self.requests: dict[str, Request] = {}   # every request not yet finished, by rid
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
@@ -52,7 +44,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------- public API
     def add(self, req: Request) -> None:
+        self.requests[req.rid] = req
         self.waiting.append(req)
+
+    def abort(self, rid: str) -> Request | None:
+        """End request `rid` wherever it is (None: it has already finished)."""
+        req = self.requests.get(rid)
+        if req is not None:
+            self.finish(req)
+        return req
+
+    def abort_all(self) -> list[Request]:
+        reqs = list(self.requests.values())
+        for req in reqs:
+            self.finish(req)
+        return reqs
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -68,8 +74,24 @@ class Scheduler:
         self._last_kind = "decode"
         return self._schedule_decode(decoding)
 
+    def postprocess(self, batch: ScheduledBatch, sampled: SampleOutput,
+                    check_finish: Callable[[Request], Finish | None]) -> dict[Request, Finish]:
+        """Account for a pass that ran: its tokens are now in the cache, each sampling request takes
+        its new token, and those that `check_finish` says are done finish (their pages freed)."""
+        for req, item in zip(batch.requests, batch.items):
+            req.num_computed += len(item.new_token_ids)
+        finished = {}
+        for j, req in enumerate(batch.sampling):
+            req.append_token(*sampled.row(j))
+            finish = check_finish(req)
+            if finish is not None:
+                self.finish(req)
+                finished[req] = finish
+        return finished
+
     def finish(self, req: Request) -> None:
         """Release a finished or aborted request: its full pages go to the prefix tree."""
+        self.requests.pop(req.rid, None)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -111,7 +133,7 @@ class Scheduler:
             logits = "all" if r.want_prompt_logprobs else ("last" if done else "none")
             items.append(BatchItem(r.all_ids[r.num_computed: r.num_computed + chunk], r.num_computed,
                                    r.pages, logits))
-        return ScheduledBatch("extend", reqs, items, chunks)
+        return ScheduledBatch("extend", reqs, items)
 
     def _next_waiting(self) -> Request:
         if len(self.waiting) <= LPM_QUEUE_LIMIT and len(self.waiting) > 1:
@@ -168,7 +190,7 @@ class Scheduler:
             self._grow(r, r.num_computed + 1)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         items = [BatchItem([r.output_ids[-1]], r.num_computed, r.pages, "last") for r in decoding]
-        return ScheduledBatch("decode", decoding, items, [1] * len(decoding))
+        return ScheduledBatch("decode", decoding, items)
 
     def _retract(self, decoding: list[Request]) -> None:
         """Send the request with the least progress back to the queue, freeing its pages."""

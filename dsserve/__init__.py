@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return Engine
     if name == "SamplingParams":
-        from dsserve.core.sampling import SamplingParams
+        from dsserve.core.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'dsserve' has no attribute {name!r}")

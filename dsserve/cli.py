@@ -75,7 +75,7 @@ def register_plugins(sub) -> None:
 
 def _generate(ns: argparse.Namespace) -> int:
     from dsserve.core.engine import Engine
-    from dsserve.core.sampling import SamplingParams
+    from dsserve.core.sampling_params import SamplingParams
 
     with Engine.from_args(EngineArgs.from_cli_args(ns)) as engine:
         prompt = ns.prompt

@@ -15,8 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .args import ServerArgs
-from dsserve.core.engine import Engine, RequestError
-from dsserve.core.sampling import SamplingParams
+from dsserve.core.engine import Engine
+from dsserve.core.errors import RequestError
+from dsserve.core.sampling_params import SamplingParams
 from .chat import ChatServing
 from .completions import CompletionServing
 from .errors import APIError, install_error_handlers

@@ -29,14 +29,12 @@ from .protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCallOut,
-    PromptTokensDetails,
     TokenLogprob,
     ToolCallOut,
     TopLogprob,
-    Usage,
 )
 from .reasoning import THINK_END, ReasoningStream, ThinkingBudget, split_reasoning
-from .serving import SSE_DONE, Serving, abort_unfinished, engine_error, sse
+from .serving import CHAT_NAMES, SSE_DONE, Serving, abort_unfinished, engine_error, response_usage, sse
 
 
 class _ChoiceStream:
@@ -118,7 +116,7 @@ class ChatServing:
         s.check_n(req.n)
         _check_unsupported(req)
         prompt = self.prompts.build(req)
-        max_tokens = s.check_length(len(prompt.ids), req.max_completion_tokens or req.max_tokens, "messages")
+        max_tokens = s.max_tokens(len(prompt.ids), req.max_completion_tokens or req.max_tokens)
         budget = self._thinking_budget(req)
         params = s.choice_params(
             req, max_new_tokens=max_tokens, logprobs=req.logprobs,
@@ -128,7 +126,7 @@ class ChatServing:
         overrides = [_budget_override(budget, prompt.starts_in_reasoning) for _ in range(req.n)] if budget else None
         s.admit(req.n)
         rid = s.new_id("chatcmpl")
-        handles = s.submit(prompt.ids, params, rid, prompt_param="messages", overrides=overrides)
+        handles = s.submit(prompt.ids, params, rid, names=CHAT_NAMES, overrides=overrides)
         if req.stream:
             return StreamingResponse(self._stream(req, prompt, handles, rid), media_type="text/event-stream",
                                      background=BackgroundTask(abort_unfinished, handles))
@@ -157,8 +155,8 @@ class ChatServing:
         if error:
             raise error
         choices = [self._choice(i, req, prompt, outs) for i, outs in enumerate(results)]
-        resp = ChatCompletionResponse(id=rid, model=self.s.model_name, choices=choices,
-                                      usage=_usage(prompt, [outs[-1] for outs in results]))
+        usage = response_usage([len(prompt.ids)], [outs[-1] for outs in results], req.n)
+        resp = ChatCompletionResponse(id=rid, model=self.s.model_name, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump(mode="json"))
 
     def _choice(self, index: int, req: ChatCompletionRequest, prompt: ChatPrompt,
@@ -228,9 +226,9 @@ class ChatServing:
                     yield chunk(i, DeltaMessage(), finish_reason=_finish_reason(out.finish_reason, streams[i].called),
                                 matched_stop=out.matched_stop)
             if include_usage:
-                usage = ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                            usage=_usage(prompt, [f for f in finals if f is not None]))
-                yield sse(usage.model_dump_json(exclude_none=True))
+                usage = response_usage([len(prompt.ids)], [f for f in finals if f is not None], req.n)
+                usage_chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+                yield sse(usage_chunk.model_dump_json(exclude_none=True))
             yield SSE_DONE
         finally:
             abort_unfinished(handles)
@@ -241,14 +239,6 @@ def _chunk_json(chunk: ChatCompletionChunk) -> str:
     for choice in data["choices"]:
         choice.setdefault("finish_reason", None)   # OpenAI sends it as null until the end
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-def _usage(prompt: ChatPrompt, finals: list[RequestOutput]) -> Usage:
-    completion = sum(f.completion_tokens for f in finals)
-    cached = min((f.cached_tokens for f in finals), default=0)
-    return Usage(prompt_tokens=len(prompt.ids), completion_tokens=completion,
-                 total_tokens=len(prompt.ids) + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:

@@ -20,10 +20,8 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptTokensDetails,
-    Usage,
 )
-from .serving import SSE_DONE, Serving, abort_unfinished, engine_error, sse
+from .serving import SSE_DONE, Serving, abort_unfinished, engine_error, response_usage, sse
 
 
 @dataclass
@@ -82,17 +80,13 @@ class CompletionServing:
             raise bad_request("logit_bias is not supported", param="logit_bias")
         prompts = self._prompts(req.prompt)
         want_lp = req.logprobs is not None
-        params, max_tokens = [], []
-        for p in prompts:
-            s.check_ids(p.ids, "prompt")
-            max_tokens.append(s.check_length(len(p.ids), req.max_tokens, "prompt"))
         s.admit(len(prompts) * req.n)
         rid = s.new_id("cmpl")
         handles: list[RequestHandle] = []
         try:
             for k, p in enumerate(prompts):
-                params = s.choice_params(req, max_new_tokens=max_tokens[k], logprobs=want_lp,
-                                         top_logprobs=req.logprobs or 0,
+                params = s.choice_params(req, max_new_tokens=s.max_tokens(len(p.ids), req.max_tokens),
+                                         logprobs=want_lp, top_logprobs=req.logprobs or 0,
                                          skip_special_tokens=req.skip_special_tokens)
                 handles += s.submit(p.ids, params, f"{rid}-{k}", prompt_logprobs=req.echo and want_lp)
         except BaseException:
@@ -115,7 +109,6 @@ class CompletionServing:
                 out.append(_Prompt(tok.encode(p), p))
             else:
                 ids = list(p)
-                self.s.check_ids(ids, "prompt")
                 text = self.s.tokenizer.decode(ids, skip_special_tokens=False) if self.s.tokenizer else ""
                 out.append(_Prompt(ids, text))
         return out
@@ -137,8 +130,8 @@ class CompletionServing:
             choices.append(CompletionChoice(index=index, text=(prompt.text if req.echo else "") + text,
                                             logprobs=_join(pieces) if lp else None,
                                             finish_reason=last.finish_reason, matched_stop=last.matched_stop))
-        resp = CompletionResponse(id=rid, model=self.s.model_name, choices=choices,
-                                  usage=_usage(prompts, [outs[-1] for outs in results], req.n))
+        usage = response_usage([len(p.ids) for p in prompts], [outs[-1] for outs in results], req.n)
+        resp = CompletionResponse(id=rid, model=self.s.model_name, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump(mode="json"))
 
     def _piece(self, lp: _Logprobs, req: CompletionRequest, prompt: _Prompt, out: RequestOutput,
@@ -179,17 +172,10 @@ class CompletionServing:
                 data = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
                 yield sse(data.model_dump_json(exclude_none=True))
             if req.stream_options and req.stream_options.include_usage:
-                data = CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                          usage=_usage(prompts, [f for f in finals if f is not None], req.n))
+                usage = response_usage([len(p.ids) for p in prompts], [f for f in finals if f is not None], req.n)
+                data = CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)
                 yield sse(data.model_dump_json(exclude_none=True))
             yield SSE_DONE
         finally:
             abort_unfinished(handles)
 
-
-def _usage(prompts: list[_Prompt], finals: list[RequestOutput], n: int) -> Usage:
-    prompt_tokens = sum(len(p.ids) for p in prompts)
-    completion = sum(f.completion_tokens for f in finals)
-    cached = sum(min((f.cached_tokens for f in finals[k * n:(k + 1) * n]), default=0) for k in range(len(prompts)))
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -102,9 +102,7 @@ class NativeServing:
             raise bad_request(f"'{param}' is empty", param=param)
         sp = req.sampling_params
         s.check_n(sp.n)
-        for ids in batch:
-            s.check_ids(ids, param)
-            s.check_length(len(ids), sp.max_new_tokens, param)
+        names = {"prompt": param}  # SGLang's own field names otherwise
         prompt_lp = req.return_logprob and req.logprob_start_len >= 0
         s.admit(len(batch) * sp.n)
         rid = req.rid or s.new_id("gen")
@@ -114,14 +112,14 @@ class NativeServing:
         try:
             for k, ids in enumerate(batch):
                 params = [s.sampling_params(
-                    max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                    names, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                     min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
                     repetition_penalty=sp.repetition_penalty, stop=sp.stop, stop_token_ids=list(sp.stop_token_ids or []),
                     ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
                     seed=None if seed is None else seed + j, logprobs=req.return_logprob,
                     top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
                 ) for j in range(sp.n)]
-                handles += s.submit(ids, params, s.new_id("gen"), prompt_param=param, prompt_logprobs=prompt_lp)
+                handles += s.submit(ids, params, s.new_id("gen"), names=names, prompt_logprobs=prompt_lp)
                 accs += [_Accumulated(rid if single and sp.n == 1 else f"{rid}-{k * sp.n + j}", req.return_logprob,
                                       ids, max(req.logprob_start_len, 0)) for j in range(sp.n)]
         except BaseException:

@@ -18,16 +18,26 @@ from pathlib import Path
 from fastapi import Request
 
 from .args import ServerArgs
-from dsserve.core.engine import Engine, RequestError
+from dsserve.core.engine import Engine
+from dsserve.core.errors import RequestError
 from dsserve.core.request import RequestHandle, RequestOutput
-from dsserve.core.sampling import SamplingParams
+from dsserve.core.sampling_params import SamplingParams
 from .errors import APIError, bad_request
+from .protocol import PromptTokensDetails, Usage
 
 log = logging.getLogger("dsserve")
 
 TINY_NAME = "dsserve-tiny"
 DISCONNECT_POLL_S = 0.25
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+# The engine's field names as the OpenAI API spells them (chat's prompt is its "messages").
+OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+CHAT_NAMES = {**OPENAI_NAMES, "prompt": "messages"}
+
+
+def client_error(e: RequestError, names: dict[str, str]):
+    """The engine's RequestError as the 400 the client gets, its field named in the client's terms."""
+    param = names.get(e.param, e.param) if e.param else None
+    return bad_request(e.message_for(param), param=param, code=e.code)
 
 
 def served_model_name(args: ServerArgs) -> str:
@@ -79,25 +89,10 @@ class Serving:
             raise bad_request(f"n ({n}) is larger than this server's --max-running-requests ({self.max_n})",
                               param="n")
 
-    def check_length(self, prompt_len: int, max_tokens: int | None, prompt_param: str) -> int:
-        """The max_tokens to use (the rest of the context when None); 400 when it does not fit."""
-        limit = self.max_context
-        if prompt_len >= limit:
-            raise bad_request(f"the prompt has {prompt_len} tokens, but this model's maximum context is {limit} "
-                              "tokens", param=prompt_param, code="context_length_exceeded")
-        if max_tokens is None:
-            return limit - prompt_len
-        if prompt_len + max_tokens > limit:
-            raise bad_request(f"this model's maximum context is {limit} tokens, but the prompt ({prompt_len} "
-                              f"tokens) plus max_tokens ({max_tokens}) exceeds it", param="max_tokens",
-                              code="context_length_exceeded")
-        return max_tokens
-
-    def check_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise bad_request("the prompt is empty", param=param)
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", param=param)
+    def max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """max_new_tokens of a request: as asked, else the rest of the context (the engine checks
+        that it fits)."""
+        return requested if requested is not None else max(1, self.max_context - prompt_len)
 
     def require_tokenizer(self):
         if self.tokenizer is None:
@@ -134,21 +129,20 @@ class Serving:
             logprobs=logprobs, top_logprobs=top_logprobs, skip_special_tokens=skip_special_tokens,
         ) for i in range(req.n)]
 
-    def sampling_params(self, **kwargs) -> SamplingParams:
+    def sampling_params(self, names: dict[str, str] = OPENAI_NAMES, **kwargs) -> SamplingParams:
         try:
             return SamplingParams(**kwargs)
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            raise bad_request(str(e).replace(field, _OPENAI_NAMES.get(field, field), 1),
-                              param=_OPENAI_NAMES.get(field, field)) from None
+        except RequestError as e:
+            raise client_error(e, names) from None
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{int(time.time() * 1000):x}{next(self._ids):04x}"
 
-    def submit(self, ids: list[int], params: list[SamplingParams], rid: str, prompt_param: str = "prompt",
+    def submit(self, ids: list[int], params: list[SamplingParams], rid: str, names: dict[str, str] = OPENAI_NAMES,
                prompt_logprobs: bool = False,
                overrides: list[Callable[[list[int]], int | None] | None] | None = None) -> list[RequestHandle]:
-        """One engine request per SamplingParams (the choices of one prompt); all or none are queued."""
+        """One engine request per SamplingParams (the choices of one prompt); all or none are queued.
+        The engine checks each; `names` spells its fields as the client's API does."""
         handles: list[RequestHandle] = []
         try:
             for i, p in enumerate(params):
@@ -157,7 +151,7 @@ class Serving:
                     token_override=overrides[i] if overrides else None))
         except RequestError as e:
             abort_unfinished(handles)
-            raise bad_request(str(e), param=prompt_param) from None
+            raise client_error(e, names) from None
         self.live.update(handles)
         return handles
 
@@ -229,6 +223,18 @@ def engine_error(outputs: list[RequestOutput]) -> APIError | None:
         if out.finished and out.finish_reason == "error":
             return APIError(500, out.error or "internal error", type="server_error")
     return None
+
+
+def response_usage(prompt_lens: list[int], finals: list[RequestOutput], n: int) -> Usage:
+    """The OpenAI `usage` of a response giving `n` choices per prompt; `finals` holds each choice's
+    last output, choice i answering prompt i // n.  A prompt counts once in `cached_tokens`, with
+    the fewest tokens any of its choices found cached, as it counts once in `prompt_tokens`."""
+    prompt_tokens = sum(prompt_lens)
+    completion = sum(f.completion_tokens for f in finals)
+    cached = sum(min((f.cached_tokens for f in finals[k * n:(k + 1) * n]), default=0)
+                 for k in range(len(prompt_lens)))
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def sse(payload: str) -> str:

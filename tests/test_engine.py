@@ -5,7 +5,7 @@ import random
 import pytest
 
 from dsserve import Engine, SamplingParams
-from dsserve.core.engine import RequestError
+from dsserve.core.errors import RequestError
 from hf_checkpoints import build
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dsserve.core.config import EngineArgs
-from dsserve.core.model_runner import BatchItem, ModelRunner
+from dsserve.core.batch import BatchItem
+from dsserve.core.model_runner import ModelRunner
 from hf_checkpoints import build
 
 
@@ -21,7 +22,7 @@ def test_decode_after_prefill_equals_recompute(checkpoint, page_size):
     prompt, rest = tokens[:25], tokens[25:]
 
     def run(new, prefix, pages, logits="last"):
-        return runner.forward(runner.make_batch([BatchItem(new, prefix, pages, logits)]))
+        return runner.forward([BatchItem(new, prefix, pages, logits)])
 
     whole_pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(tokens)))
     recomputed = run(tokens, 0, whole_pages, logits="all")         # [40, V]

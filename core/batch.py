@@ -1,0 +1,49 @@
+"""ScheduledBatch: one forward pass as the scheduler chose it, and each sequence's share of it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .request import Request
+
+
+@dataclass
+class BatchItem:
+    """One sequence's share of a forward pass (what the model runner needs, nothing about requests)."""
+
+    new_token_ids: list[int]
+    prefix_len: int           # tokens of this sequence already in the cache
+    pages: list[int]          # all its pages, enough for prefix + new tokens
+    logits: str = "last"      # which rows need logits: "last", "all" (prompt log-probs) or "none"
+
+    @property
+    def num_logit_rows(self) -> int:
+        return {"all": len(self.new_token_ids), "last": 1, "none": 0}[self.logits]
+
+
+@dataclass
+class ScheduledBatch:
+    """`items[i]` feeds `requests[i]`. The model runner returns logits rows item by item (see
+    BatchItem.logits). `completes[i]`: this pass computes the whole input of request i, so it gets
+    its next token from the pass (a prefill chunk that leaves part of the prompt does not)."""
+
+    kind: str                 # "extend" or "decode"
+    requests: list[Request]
+    items: list[BatchItem]
+    completes: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completes = [r.num_computed + len(it.new_token_ids) == r.num_tokens
+                          for r, it in zip(self.requests, self.items)]
+
+    @property
+    def sampling(self) -> list[Request]:
+        """The requests that get a next token from this pass, in batch order."""
+        return [r for r, done in zip(self.requests, self.completes) if done]
+
+    def logit_rows(self) -> list[range]:
+        """The rows of the pass's logits that belong to each request, in batch order."""
+        rows, start = [], 0
+        for it in self.items:
+            rows.append(range(start, start + it.num_logit_rows))
+            start += it.num_logit_rows
+        return rows
