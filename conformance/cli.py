@@ -15,8 +15,9 @@ def register(sub) -> None:
                     "family its plugins implement, on random inputs against the reference (normalised "
                     "error per dtype, exact expert choice, no NaN/inf, no writes outside the new tokens' "
                     "cache slots or past any buffer), paged-KV consistency, and dsserve-tiny end to end. "
-                    "Prints a table per hook family and implementation; the exit code is non-zero when a "
-                    "case fails.")
+                    "Prints a table per hook family and implementation, and per family how many cases ran on "
+                    "the device's own implementations and how many fell to the reference; the exit code is "
+                    "non-zero when a case fails or when no case ran on the device's own implementations.")
     p.add_argument("--device", default=None, metavar="NAME",
                    help="the device to check (a name `dsserve plugins` lists); default: the best available")
     p.add_argument("--support", action="store_true",

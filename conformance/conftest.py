@@ -12,7 +12,7 @@ import pytest
 import torch
 from dsserve.conformance.harness import PROPERTY, Case, Context
 from dsserve.conformance.pytest_option import add_option
-from dsserve.conformance.report import LEGEND, WIDTH, render_table
+from dsserve.conformance.report import LEGEND, WIDTH, nothing_checked, render_family_summary, render_table
 from dsserve.conformance.runner import SESSION, Session
 from dsserve.core.plugins import DeviceError
 
@@ -37,6 +37,19 @@ def pytest_configure(config) -> None:
         config.pluginmanager.register(session, SESSION)
 
 
+def _unchecked(session: Session | None) -> str | None:
+    """In a plain pytest run: the line saying no case ran on the device's own code, or None."""
+    if session is None or not session.print_table or session.ctx is None:
+        return None
+    return nothing_checked(session.results, session.ctx.device.name)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # As `dsserve conformance` does: passing cases the reference alone served checked nothing of the device's.
+    if exitstatus == pytest.ExitCode.OK and _unchecked(session.config.pluginmanager.get_plugin(SESSION)):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     session = config.pluginmanager.get_plugin(SESSION)
     if session is None or not session.results or not session.print_table:
@@ -44,11 +57,12 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     ctx = session.ctx
     title = f"dsserve conformance: device {ctx.device.name}" if ctx else "dsserve conformance"
     terminalreporter.section(title)
-    for line in render_table(session.results).splitlines():
+    for line in [*render_table(session.results).splitlines(), "",
+                 *render_family_summary(session.results).splitlines(), "", *textwrap.wrap(LEGEND, WIDTH)]:
         terminalreporter.write_line(line)
-    terminalreporter.write_line("")
-    for line in textwrap.wrap(LEGEND, WIDTH):
-        terminalreporter.write_line(line)
+    unchecked = _unchecked(session)
+    if unchecked:
+        terminalreporter.write_line(unchecked, red=True)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,6 @@ def check_collectives(comm, rank: int, dtype: torch.dtype, dev: torch.device) ->
 def worker(rank: int, port: int, device_name: str, registry_factory, dtype_names: list[str], out_dir: str,
            host_threads: int | None = 1) -> None:
     import torch.distributed as dist
-    from dsserve.core.plugins import REFERENCE_NAME
 
     result: dict = {"rank": rank, "cases": {}}
     try:
@@ -77,18 +76,14 @@ def worker(rank: int, port: int, device_name: str, registry_factory, dtype_names
         dist.init_process_group(device.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
         try:
-            reference = registry.pm.get_plugin(REFERENCE_NAME)
-            own_hook = registry.pm.subset_hook_caller(
-                "dsserve_communicator", remove_plugins=[reference] if reference is not None else [])
             for name in dtype_names:
                 dtype = getattr(torch, name)
-                entry = {"implementation": "", "own": False, "problems": []}
+                entry = {"implementation": "", "problems": []}
                 result["cases"][name] = entry
                 try:
                     comm = registry.communicator(device, None, rank, WORLD_SIZE)
                     cls = type(comm)
                     entry["implementation"] = f"{cls.__module__}.{cls.__qualname__}"
-                    entry["own"] = own_hook(device=device, group=None, rank=rank, world_size=WORLD_SIZE) is not None
                     entry["problems"] = check_collectives(comm, rank, dtype, dev)
                 except Exception as exc:  # the implementation under test raised
                     entry["problems"].append(f"rank {rank}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import re
 import statistics
-import textwrap
 from dataclasses import dataclass
 
-from .harness import FAMILIES, PROPERTY, one_line
+from dsserve.core.table import table_lines
+
+from .harness import FAMILIES, PROPERTY, is_reference, one_line
 
 WIDTH = 110
-GAP = "  "
 _EXCEPTION_PREFIX = re.compile(r"^(?:[\w.]+\.)?(?:CaseFailure|AssertionError): ")
 
 
@@ -30,10 +30,27 @@ class CaseResult:
     impl_time: float | None = None
     ref_time: float | None = None
     message: str = ""
+    served_by: tuple[str, ...] = ()  # class paths of the implementations the case exercised
 
     @property
     def ran(self) -> bool:
         return self.status in ("passed", "failed")
+
+    @property
+    def own(self) -> bool:
+        """Ran on the device's own code: at least one implementation it exercised is not the core's
+        reference. A case that failed before any implementation was known (a plugin's hook or the
+        device raised) counts too: the reference answers every hook without raising."""
+        if not self.ran:
+            return False
+        if not self.served_by:
+            return self.status == "failed"
+        return not all(is_reference(p) for p in self.served_by)
+
+    @property
+    def on_reference(self) -> bool:
+        """Served by the core's reference alone: left to it, or run on nothing but its classes."""
+        return self.status == "reference" or (self.ran and not self.own)
 
     @property
     def speed(self) -> float | None:
@@ -77,6 +94,7 @@ class Collector:
                 implementation=props.get("implementation", "") or "-", label=props.get("label", report.nodeid),
                 status=status, error=props.get("error"), bound=props.get("bound"), dtype=props.get("dtype"),
                 impl_time=props.get("impl_time"), ref_time=props.get("ref_time"), message=message,
+                served_by=tuple(props.get("served_by", ())),
             ))
         elif report.when == "teardown" and report.failed:
             self.errors.append(f"{report.nodeid}: teardown failed: {_crash(report)}")
@@ -126,20 +144,6 @@ def _not_run(rows: list[CaseResult]) -> str:
     return ", ".join(f"{n} {names.get(s, s)}" for s, n in sorted(counts.items())) or "-"
 
 
-def table_lines(header: list[str], rows: list[list[str]], width: int = WIDTH) -> list[str]:
-    cols = len(header)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(cols - 1)]
-    indent = sum(widths) + len(GAP) * (cols - 1)
-    room = max(20, width - indent)
-    lines = []
-    for row in [header, *rows]:
-        lead = GAP.join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + GAP
-        wrapped = textwrap.wrap(row[-1], room, break_long_words=False) or [""]
-        lines.append((lead + wrapped[0]).rstrip())
-        lines.extend(" " * indent + more for more in wrapped[1:])
-    return lines
-
-
 def render_table(results: list[CaseResult]) -> str:
     """One row per hook family and implementation class."""
     groups: dict[tuple[str, str], list[CaseResult]] = {}
@@ -153,7 +157,32 @@ def render_table(results: list[CaseResult]) -> str:
         result = "-" if not ran and not failed else ("FAIL" if failed else "ok")
         rows.append([family, impl, str(len(ran)), str(failed), result, _fmt_error(rs), _fmt_speed(rs), _not_run(rs)])
     header = ["HOOK FAMILY", "IMPLEMENTATION", "RUN", "FAILED", "RESULT", "WORST ERROR", "SPEED", "NOT RUN"]
-    return "\n".join(table_lines(header, rows))
+    return "\n".join(table_lines(header, rows, WIDTH))
+
+
+def render_family_summary(results: list[CaseResult]) -> str:
+    """One row per hook family: cases run on the device's own code, cases the reference alone served,
+    and the rest (skipped, unsupported, errors)."""
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    rows = []
+    for family in sorted({r.family for r in results}, key=lambda f: (order.get(f, 99), f)):
+        rs = [r for r in results if r.family == family]
+        rest = [r for r in rs if not r.own and not r.on_reference]
+        rows.append([family, str(sum(r.own for r in rs)), str(sum(r.on_reference for r in rs)), _not_run(rest)])
+    header = ["HOOK FAMILY", "DEVICE'S OWN", "REFERENCE", "NOT RUN"]
+    return "\n".join(table_lines(header, rows, WIDTH))
+
+
+def nothing_checked(results: list[CaseResult], device: str) -> str | None:
+    """The line that fails a run in which no case ran on the device's own implementations (None when
+    one did, or when no case was collected at all: pytest fails that run itself)."""
+    if not results or any(r.own for r in results):
+        return None
+    reference = sum(r.on_reference for r in results)
+    rest = len(results) - reference
+    return (f"dsserve conformance: no case ran on device '{device}''s own implementations ({reference} of "
+            f"{len(results)} cases fell to the torch-native reference{f', {rest} did not run' if rest else ''}): "
+            f"nothing of the device's was checked")
 
 
 def render_failures(results: list[CaseResult], errors: list[str], limit: int = 40) -> str:
@@ -172,7 +201,10 @@ def render_failures(results: list[CaseResult], errors: list[str], limit: int = 4
 
 LEGEND = ("WORST ERROR: the largest normalised error ||out-ref||^2/||ref||^2 against the float64 "
           "reference relative to its bound; SPEED: median over cases of reference time / implementation "
-          "time on this device (above 1: faster than the reference); NOT RUN: 'reference', cases the "
-          "device's plugins leave to the core's reference (nothing of the device's to check); "
-          "'unsupported', cases no plugin serves; 'skipped', cases that cannot run here (the reason is "
-          "in the verbose report).")
+          "time on this device (above 1: faster than the reference); NOT RUN: 'reference', cases served "
+          "by a class of the core's reference (dsserve.core.reference), whether a plugin returned it or "
+          "left the hook to it (nothing of the device's to check); 'unsupported', cases no plugin serves; "
+          "'skipped', cases that cannot run here (the reason is in the verbose report). Per hook family: "
+          "DEVICE'S OWN, cases run on at least one implementation that is not the reference's; REFERENCE, "
+          "cases served by the reference's classes alone (a two-rank communicator case runs all the same, "
+          "over the device's torch.distributed backend). A run with no case of the device's own fails.")

@@ -18,7 +18,16 @@ import torch
 from dsserve.core.plugins import PluginRegistry
 
 from .harness import FAMILIES, Context, dtype_name, make_context
-from .report import LEGEND, WIDTH, CaseResult, Collector, render_failures, render_table
+from .report import (
+    LEGEND,
+    WIDTH,
+    CaseResult,
+    Collector,
+    nothing_checked,
+    render_failures,
+    render_family_summary,
+    render_table,
+)
 
 SESSION = "dsserve-conformance-session"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -50,7 +59,9 @@ class Session(Collector):
         self.registry = registry
         self.registry_factory = registry_factory
         self.ctx: Context | None = None
-        self.print_table = True  # at the end of pytest's terminal report (run_conformance prints its own)
+        # A plain pytest run: the table ends pytest's terminal report, and the conftest fails the run
+        # when nothing of the device's was checked (run_conformance prints and judges its own).
+        self.print_table = True
 
     def context(self) -> Context:
         if self.ctx is None:
@@ -67,21 +78,32 @@ class ConformanceResult:
     pytest_exit_code: int
     seconds: float
     failures: list[CaseResult] = field(init=False)
+    nothing_checked: str | None = field(init=False)  # the line saying no case ran on the device's own code
 
     def __post_init__(self):
         self.failures = [r for r in self.results if r.status in ("failed", "error")]
+        self.nothing_checked = nothing_checked(self.results, self.device)
+
+    @property
+    def own_cases(self) -> int:
+        """Cases run on at least one of the device's own (non-reference) implementations."""
+        return sum(r.own for r in self.results)
 
     @property
     def ok(self) -> bool:
-        return self.pytest_exit_code == 0 and not self.failures and not self.errors
+        # Passing cases served by the reference alone check nothing of the device's: a run needs one
+        # case of the device's own to pass.
+        return self.pytest_exit_code == 0 and not self.failures and not self.errors and self.own_cases > 0
 
     @property
     def exit_code(self) -> int:
-        """0 when every case that ran passed; pytest's code (1 for failures) otherwise."""
+        """0 when every case that ran passed and one ran on the device's own code; pytest's code
+        (1 for failures) otherwise."""
         return 0 if self.ok else (self.pytest_exit_code or 1)
 
     def table(self) -> str:
-        return render_table(self.results)
+        """The per-implementation table, then the per-family counts of own and reference cases."""
+        return render_table(self.results) + "\n\n" + render_family_summary(self.results)
 
     def report(self) -> str:
         """Header, failures, the table and a closing verdict, as printed by `dsserve conformance`."""
@@ -93,9 +115,12 @@ class ConformanceResult:
             parts += [failures, ""]
         parts += [self.table(), "", textwrap.fill(LEGEND, WIDTH), ""]
         verdict = "PASSED" if self.ok else "FAILED"
-        detail = f"{ran} cases run, {len(self.failures)} failed, {not_run} not run; {self.seconds:.1f} s"
-        if not self.ok and not self.failures and not self.errors:
+        detail = (f"{ran} cases run ({self.own_cases} on the device's own implementations), "
+                  f"{len(self.failures)} failed, {not_run} not run; {self.seconds:.1f} s")
+        if self.pytest_exit_code and not self.failures and not self.errors:
             detail += f"; pytest exit code {self.pytest_exit_code}"
+        if self.nothing_checked:
+            parts.append(self.nothing_checked)
         parts.append(f"conformance {verdict} for device '{self.device}': {detail}")
         return "\n".join(parts)
 

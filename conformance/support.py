@@ -8,10 +8,10 @@ import torch
 
 from dsserve.core.backends import LinearSpec, MoESpec
 from dsserve.core.plugins import DeviceError, PluginRegistry
+from dsserve.core.table import table_lines
 
 from .attention_common import PAGE_SIZES, make_spec
-from .harness import DTYPES, Context, class_path, make_context, one_line
-from .report import table_lines
+from .harness import DTYPES, Context, class_path, is_reference, make_context, one_line
 from .runner import describe_device
 
 
@@ -39,19 +39,16 @@ def _questions() -> list[tuple[str, str, str, Callable[[torch.dtype], dict]]]:
 
 
 def _ask(ctx: Context, hook: str, kwargs: dict) -> tuple[str, str]:
-    """(who answers: "plugin" (one of the device's plugins) / "reference" / "nobody" / "error",
-    implementation)."""
+    """(who answers: "plugin" (an implementation of the device's plugins) / "reference" (one of the
+    core's reference classes, whoever returned it) / "nobody" / "error", implementation)."""
     try:
         full = getattr(ctx.registry, hook)(device=ctx.device, **kwargs)
     except DeviceError:
         return "nobody", "-"
     except Exception as exc:  # a plugin's hook raised: report it, do not stop the listing
         return "error", f"{type(exc).__name__}: {one_line(exc)[:80]}"
-    try:
-        own = ctx.own_answer(f"dsserve_{hook}", device=ctx.device, **kwargs)
-    except Exception as exc:
-        return "error", f"{type(exc).__name__}: {one_line(exc)[:80]}"
-    return ("plugin" if own is not None else "reference"), class_path(full)
+    impl = class_path(full)
+    return ("reference" if is_reference(impl) else "plugin"), impl
 
 
 def support_report(device_name: str | None = None, registry: PluginRegistry | None = None) -> str:
@@ -70,11 +67,12 @@ def support_report(device_name: str | None = None, registry: PluginRegistry | No
         for (who, impl), names in answers.items():
             rows.append([family, case, " ".join(names), who, impl])
     lines = [describe_device(ctx), ""]
-    lines += table_lines(["HOOK FAMILY", "CASE", "DTYPES", "ANSWERED BY", "IMPLEMENTATION"], rows, width=140)
+    lines += table_lines(["HOOK FAMILY", "CASE", "DTYPES", "ANSWERED BY", "IMPLEMENTATION"], rows, 140)
     lines.append("")
     order = [n for n in DTYPES if n in served]
     lines.append("dtypes the device's plugins serve for some hook: " + (", ".join(order) or "none")
-                 + ". ANSWERED BY 'plugin': a plugin answers for this device (the conformance suite checks "
-                   "it); 'reference': only the core's torch-native fallback does; 'nobody': nothing serves it, "
-                   "so a model needing it cannot run on this device.")
+                 + ". ANSWERED BY 'plugin': an implementation of the device's plugins (the conformance suite "
+                   "checks it); 'reference': one of the core's torch-native reference classes, whether a plugin "
+                   "returns it or leaves the hook to the fallback; 'nobody': nothing serves it, so a model "
+                   "needing it cannot run on this device.")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The conformance suite (`dsserve.conformance`): it passes for cpu and for the example plugin's device,
 it can fail (deliberately broken implementations registered here make it fail with a message naming
-the hook and the case), and it names no device itself."""
+the hook and the case, and a device with nothing of its own fails it too), and it names no device
+itself."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,8 +21,9 @@ from dsserve.conformance.runner import PACKAGE_DIR
 from dsserve.cli import main as dsserve_main
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.plugin_report import render_plugins
-from dsserve.core.plugins import DISABLE_ENV, PluginRegistry
+from dsserve.core.plugins import DISABLE_ENV, OVERRIDES_ENV, PluginRegistry
 from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, ReferenceMoE
+from dsserve.plugins.cpu import CpuDevice
 
 EXAMPLE_DIST = "dsserve-plugin-example"
 EXAMPLE_DEVICE = "example-cpu"
@@ -39,9 +41,25 @@ def _rows(table: str, family: str) -> list[list[str]]:
     return [line.split() for line in table.splitlines() if line.split()[:1] == [family]]
 
 
+def _table(out: str, column: str) -> str:
+    """The table in a report whose header's second column starts with `column` ("IMPLEMENTATION": the
+    per-implementation table; "DEVICE'S": the per-family counts), up to the blank line after it."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("HOOK FAMILY") and line.split()[2] == column)
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def _family_counts(out: str) -> dict[str, tuple[int, int, str]]:
+    """family -> (cases on the device's own implementations, cases on the reference alone, not run)."""
+    rows = [line.split() for line in _table(out, "DEVICE'S").splitlines()[1:]]
+    return {r[0]: (int(r[1]), int(r[2]), " ".join(r[3:])) for r in rows}
+
+
 @pytest.fixture(autouse=True)
 def _all_plugins(monkeypatch):
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
 
 
 # ------------------------------------------------------------------------------ passing devices
@@ -56,28 +74,49 @@ def test_cpu_passes(capsys):
     assert rc == 0, out
     assert "conformance PASSED for device 'cpu'" in out
     assert not [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    header = next(line for line in out.splitlines() if line.startswith("HOOK FAMILY"))
-    assert header.split()[:4] == ["HOOK", "FAMILY", "IMPLEMENTATION", "RUN"]
+    table = _table(out, "IMPLEMENTATION")
+    assert table.splitlines()[0].split()[:4] == ["HOOK", "FAMILY", "IMPLEMENTATION", "RUN"]
     for family in FAMILY_ROWS:
-        rows = _rows(out, family)
-        assert rows, f"no row for {family}"
-        # the cpu plugin answers every family itself (fp8 linear aside), so cases ran in each
-        assert any(int(r[2]) > 0 for r in rows), (family, rows)
-    # implementation classes are named module.qualname; fp8 is left to the reference on cpu
-    assert any(r[1].endswith("ReferenceMLAAttention") for r in _rows(out, "attention"))
-    fp8 = next(r for r in _rows(out, "linear") if r[1].endswith("ReferenceFp8BlockLinear"))
-    assert fp8[2] == "0" and "reference" in " ".join(fp8)
+        assert _rows(table, family), f"no row for {family}"
+    # implementation classes are named module.qualname. The cpu plugin returns the core's reference
+    # classes for attention (and the communicators); those cases, like fp8 linear, are not run
+    mla = next(r for r in _rows(table, "attention") if r[1].endswith("ReferenceMLAAttention"))
+    assert mla[2] == "0" and "reference" in mla
+    fp8 = next(r for r in _rows(table, "linear") if r[1].endswith("ReferenceFp8BlockLinear"))
+    assert fp8[2] == "0" and "reference" in fp8
+    onednn = next(r for r in _rows(table, "linear") if r[1].endswith("OneDnnLinear"))
+    assert int(onednn[2]) > 0
+    # per family: what cpu's own code served (oneDNN linear, and the model end to end through it) and
+    # what fell to the reference
+    counts = _family_counts(out)
+    assert list(counts) == list(FAMILY_ROWS)
+    assert counts["linear"][:2] == (int(onednn[2]), int(fp8[-2]))
+    assert counts["end-to-end"][0] > 0
+    for family in ("attention", "paged-kv", "communicator"):
+        assert counts[family][0] == 0 and counts[family][1] > 0, (family, counts[family])
+    own = sum(c[0] for c in counts.values())
+    assert re.search(rf"conformance PASSED for device 'cpu': \d+ cases run \({own} on the device's own "
+                     r"implementations\)", out), out
+    assert "no case ran on" not in out
+
+
+def _pyargs(tmp_path, keyword: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "--pyargs", "dsserve.conformance", "--dsserve-device", "cpu",
+         "-q", "-k", keyword],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
 
 def test_pytest_pyargs_entry(tmp_path):
     """`pytest --pyargs dsserve.conformance --dsserve-device cpu`, from a folder outside the project."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--pyargs", "dsserve.conformance", "--dsserve-device", "cpu",
-         "-q", "-k", "compute_experts and float32"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = _pyargs(tmp_path, "unquantized and float32")  # cpu's own oneDNN linear
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dsserve conformance: device cpu" in proc.stdout
     assert "3 passed" in proc.stdout
+    # cases that all fell to the reference fail the pytest run as they fail `dsserve conformance`
+    proc = _pyargs(tmp_path, "fp8_block and float32")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "dsserve conformance: no case ran on device 'cpu''s own implementations" in proc.stdout
 
 
 def test_support_lists_families_and_dtypes(capsys):
@@ -116,12 +155,16 @@ def test_example_plugin_device_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert f"conformance PASSED for device '{EXAMPLE_DEVICE}'" in out
-    moe = next(r for r in _rows(out, "moe") if r[1] == "dsserve_plugin_example.moe.ReverseOrderMoE")
+    table = _table(out, "IMPLEMENTATION")
+    moe = next(r for r in _rows(table, "moe") if r[1] == "dsserve_plugin_example.moe.ReverseOrderMoE")
     assert int(moe[2]) > 0 and moe[3] == "0"
     # everything else on example-cpu is the reference's: nothing of the device's to run there
-    for r in _rows(out, "attention") + _rows(out, "linear"):
+    for r in _rows(table, "attention") + _rows(table, "linear"):
         assert r[2] == "0" and "reference" in r
-    assert int(_rows(out, "end-to-end")[0][2]) >= 1
+    assert int(_rows(table, "end-to-end")[0][2]) >= 1
+    counts = _family_counts(out)
+    assert counts["moe"][0] == int(moe[2]) and counts["end-to-end"][0] >= 1
+    assert all(counts[f][0] == 0 for f in ("attention", "linear", "communicator", "paged-kv"))
 
 
 @needs_example
@@ -132,34 +175,61 @@ def test_example_plugin_is_listed_with_its_package():
     assert info.hooks == ["devices", "moe"]
     assert [d.name for d in info.devices] == [EXAMPLE_DEVICE]
     assert f"{EXAMPLE_DIST} 0.1.0" in render_plugins(registry)
-    # it overrides cpu's MoE (tryfirst) and leaves cpu's other hooks alone
+    # installed, it leaves cpu alone; enabled for cpu, it overrides cpu's MoE (tryfirst) and only that
     cpu = registry.select_device("cpu")
     from dsserve.core.backends import MoESpec
 
     spec = MoESpec(8, 2, 16, 8, "sigmoid", "noaux_tc", 4, 2, True, 2.5, torch.float32)
+    assert type(registry.moe_backend(cpu, spec)).__name__ == "ReferenceMoE"
+    registry.allow_override("example", "cpu")
     assert type(registry.moe_backend(cpu, spec)).__name__ == "ReverseOrderMoE"
     assert registry.select_device(None).name != EXAMPLE_DEVICE  # priority -1: not the default
 
 
 # ------------------------------------------------------------------- the suite can fail
-# Each broken implementation answers for cpu ahead of everything else (tryfirst, registered last), in
-# a registry given to run_conformance; the run is narrowed to the cases that exercise it.
+# Each broken implementation is served by an in-process plugin for a host device of its own, in a
+# registry given to run_conformance; the run is narrowed to the cases that exercise it.
 
 
 def _registry_with(name: str, **hooks) -> PluginRegistry:
+    """Every installed plugin, and plugin `name` providing a host device also named `name` (its own
+    device, so that its hooks are asked however the registry routes them), for which it answers
+    `hooks` (hook name -> factory(spec) -> implementation) and nothing else."""
     registry = PluginRegistry()
+    device_class = type("InProcessDevice", (CpuDevice,), {"name": name, "priority": -1})
 
-    class Broken:
-        pass
+    class Plugin:
+        @hookimpl
+        def dsserve_devices(self):
+            return [device_class()]
 
-    plugin = Broken()
+    plugin = Plugin()
     for hook, factory in hooks.items():
         def answer(device, spec, _factory=factory):
-            return _factory(spec) if device.name == "cpu" else None
+            return _factory(spec) if device.name == name else None
 
         setattr(plugin, hook, hookimpl(tryfirst=True)(answer))
     registry.register(plugin, name=name)
     return registry
+
+
+def test_device_with_nothing_of_its_own_fails():
+    """A device whose plugin answers no backend hook: every case falls to the reference, and the run
+    fails with one line saying that nothing of the device's was checked."""
+    registry = _registry_with("reference-only")
+    result = run_conformance("reference-only", registry)
+    assert not result.failures and not result.errors  # nothing failed...
+    assert result.exit_code != 0 and not result.ok  # ...and yet nothing of the device's passed
+    report = result.report()
+    line = ("dsserve conformance: no case ran on device 'reference-only''s own implementations "
+            r"\(\d+ of \d+ cases fell to the torch-native reference(, \d+ did not run)?\): nothing of the "
+            "device's was checked")
+    assert len([ln for ln in report.splitlines() if re.fullmatch(line, ln)]) == 1, report
+    assert "conformance FAILED for device 'reference-only'" in report
+    counts = _family_counts(report)
+    assert list(counts) == list(FAMILY_ROWS)
+    assert all(own == 0 for own, _, _ in counts.values())
+    assert all(ref > 0 for f, (_, ref, _) in counts.items() if f != "communicator"), counts
 
 
 def _failures(result) -> str:
@@ -178,14 +248,14 @@ class WrongScaleMHA(ReferenceMHAAttention):
 def test_wrong_softmax_scale_fails():
     registry = _registry_with("broken-scale", dsserve_attention_backend=lambda s: (
         WrongScaleMHA(s) if s.kind == "mha" else None))
-    result = run_conformance("cpu", registry, families=["attention"],
+    result = run_conformance("broken-scale", registry, families=["attention"],
                              keyword="mha and decode and page16 and float32")
     text = _failures(result)
     assert len(result.failures) == sum(r.ran for r in result.results) > 0  # every case run caught it
     assert re.search(r"attention mha decode page_size=16 dtype=float32 batch=ragged shape=gqa: "
                      r"normalised error \S+ > 1e-10", text), text
     assert "WrongScaleMHA" in result.table()
-    assert "conformance FAILED for device 'cpu'" in result.report()
+    assert "conformance FAILED for device 'broken-scale'" in result.report()
 
 
 class OffByOnePageMLA(ReferenceMLAAttention):
@@ -199,7 +269,7 @@ class OffByOnePageMLA(ReferenceMLAAttention):
 def test_off_by_one_page_index_fails():
     registry = _registry_with("broken-page", dsserve_attention_backend=lambda s: (
         OffByOnePageMLA(s) if s.kind == "mla" else None))
-    result = run_conformance("cpu", registry, families=["attention"],
+    result = run_conformance("broken-page", registry, families=["attention"],
                              keyword="mla and decode and page16 and bfloat16")
     text = _failures(result)
     assert re.search(r"attention mla decode page_size=16 dtype=bfloat16 batch=ragged shape=small: "
@@ -223,7 +293,7 @@ class WritesNextPageMLA(ReferenceMLAAttention):
 def test_write_into_the_next_page_fails():
     registry = _registry_with("broken-oob", dsserve_attention_backend=lambda s: (
         WritesNextPageMLA(s) if s.kind == "mla" else None))
-    result = run_conformance("cpu", registry, families=["attention"],
+    result = run_conformance("broken-oob", registry, families=["attention"],
                              keyword="mla and extend and page16 and float32 and prefill")
     text = _failures(result)
     assert re.search(r"attention mla extend page_size=16 dtype=float32 batch=prefill-ragged shape=small: "
@@ -244,7 +314,8 @@ class WritesPastHiddenMoE(ReferenceMoE):
 
 def test_write_past_a_buffer_fails():
     registry = _registry_with("broken-past-end", dsserve_moe_backend=WritesPastHiddenMoE)
-    result = run_conformance("cpu", registry, families=["moe"], keyword="compute_experts and t37")
+    result = run_conformance("broken-past-end", registry, families=["moe"],
+                             keyword="compute_experts and t37")
     text = _failures(result)
     assert re.search(r"moe compute_experts shape=t37-e16 dtype=float32: wrote \d+ elements past the end "
                      r"of input 'hidden'", text), text
@@ -257,7 +328,8 @@ def test_routing_must_pick_the_same_experts():
             return weights, (ids + 1) % self.spec.num_experts
 
     registry = _registry_with("broken-routing", dsserve_moe_backend=SecondBest)
-    result = run_conformance("cpu", registry, families=["moe"], keyword="select_experts and e8-k2 and softmax-greedy")
+    result = run_conformance("broken-routing", registry, families=["moe"],
+                             keyword="select_experts and e8-k2 and softmax-greedy")
     text = _failures(result)
     assert re.search(r"moe select_experts scoring=softmax method=greedy norm_topk_prob=\w+ shape=e8-k2 "
                      r"dtype=\w+: chose other experts than the reference", text), text
