@@ -153,7 +153,9 @@ class Scheduler:
         if match is not None:
             self.tree.lock(match.node)
             r.prefix_node, r.pages = match.node, list(match.pages)
-        r.num_computed = r.cached_tokens = cached
+        r.num_computed = cached
+        if not r.retractions:  # a resumed request re-matches its own pages: not prompt cache hits
+            r.cached_tokens = cached
         chunk = min(r.uncomputed, budget)
         if not self._grow(r, r.num_computed + chunk):
             self._release(r)
@@ -163,11 +165,13 @@ class Scheduler:
         return chunk
 
     def _fits(self, r: Request, cached: int) -> bool:
-        """Optimistic admission: room for this prompt plus a share of everyone's remaining output."""
+        """Optimistic admission: room for this prompt plus a share of everyone's remaining output.
+        Input already backed by pages (a chunk granted earlier in this pass) is counted by num_free."""
         page = self.kv.page_size
         available = self.kv.allocator.num_free + self.tree.evictable_pages
         reserved = sum(
-            (max(0, x.params.max_new_tokens - len(x.output_ids)) * self.new_token_ratio + x.uncomputed) / page
+            (max(0, x.params.max_new_tokens - len(x.output_ids)) * self.new_token_ratio
+             + max(0, x.num_tokens - len(x.pages) * page)) / page
             for x in self.running
         )
         need = (r.num_tokens - cached + r.params.max_new_tokens * self.new_token_ratio) / page + 1

@@ -181,9 +181,6 @@ def test_decode_passes_decay_the_new_token_ratio():
     assert s.new_token_ratio == pytest.approx(before - 3 * NEW_TOKEN_RATIO_DECAY)
 
 
-@pytest.mark.xfail(strict=True, reason="_fits counts the chunk of a request admitted earlier in the same "
-                   "pass twice: its pages are already taken from num_free and its uncomputed tokens are "
-                   "reserved again")
 def test_requests_admitted_in_the_same_pass_are_not_reserved_twice():
     # 8 pages of 2; three 3-token prompts with one output token each need 2 pages apiece (6 of 8) plus a
     # reservation of 0.7 token each: all three fit. The third is refused because the first two's
@@ -465,8 +462,6 @@ def test_random_workload_keeps_pages_consistent_and_outputs_exact(page_size, chu
     assert retractions > 0
 
 
-@pytest.mark.xfail(strict=True, reason="_admit sets cached_tokens again on re-admission after a retraction, "
-                   "counting the request's own re-matched prompt+output pages as prompt cache hits")
 def test_cached_tokens_after_a_retraction_never_exceed_the_prompt():
     s, a, _, stolen, _ = _retract_a_with_a_partial_page()
     s.kv.allocator.free(stolen)
