@@ -1,7 +1,7 @@
 """The benchmark checkpoint every performance figure of the project is taken on.
 
 `../shared/reference/bench-model.config.json` (beside the repository) describes a DeepSeek-V3-shaped
-model of 460.6 M parameters. Its weights are random: torch seed 0, then transformers'
+model of 488.6 M parameters. Its weights are random: torch seed 0, then transformers'
 `DeepseekV3ForCausalLM(config)` in float32, saved with `save_pretrained`. Every engine (dsserve,
 transformers, vLLM, llama.cpp after conversion) is measured on that same checkpoint, so figures
 compare across engines.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 BENCH_MODEL_DIRNAME = "bench-model"
 BENCH_CONFIG_NAME = "bench-model.config.json"
-EXPECTED_PARAMS_M = 460.6          # what shared/README.md states for the shared config
+EXPECTED_PARAMS_M = 488.6          # what shared/README.md states for the shared config
 SEED = 0
 STAMP_FILE = "dsserve-bench-model.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -108,7 +108,7 @@ def ensure_bench_model(config: str | os.PathLike[str] | None = None,
     """The benchmark checkpoint folder, built first when missing or built from another config.
 
     `check_size` (default: on for the shared config, off for one passed in) fails the build when the
-    parameter count is not the 460.6 M that shared/README.md states.
+    parameter count is not the 488.6 M that shared/README.md states.
     """
     config_path = bench_config_path(config)
     raw = config_path.read_bytes()
