@@ -1,5 +1,6 @@
 """The human listing behind `dsserve plugins`: every plugin, where it came from, the hook families it
-implements, and the devices it provides with their availability and default dtype.
+implements, the devices it provides with their availability and default dtype, and the overrides
+the user enabled.
 
 Plain aligned text in at most `WIDTH` columns; the last column of a table wraps under itself.
 """
@@ -9,7 +10,7 @@ import textwrap
 
 import torch
 
-from .plugins import HOOK_FAMILIES, DeviceError, PluginRegistry, availability
+from .plugins import HOOK_FAMILIES, OVERRIDES_ENV, DeviceError, PluginRegistry, availability
 from .table import table_lines
 
 WIDTH = 100
@@ -74,6 +75,9 @@ def render_plugins(registry: PluginRegistry) -> str:
                    "override with --device)")
     except DeviceError as exc:
         default = f"default device: none ({_one_line(exc)})"
+    overrides = ", ".join(f"{plugin}:{device}" for plugin, device in sorted(registry.overrides)) or "none"
+    notes = [default, f"overrides of other plugins' devices: {overrides} (set with {OVERRIDES_ENV}=plugin:device)"]
     lines.append("")
-    lines += textwrap.wrap(default, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+    for note in notes:
+        lines += textwrap.wrap(note, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)

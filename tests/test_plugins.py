@@ -436,5 +436,8 @@ def test_installed_example_plugin_overrides_cpu_only_when_asked(monkeypatch):
     cpu, example = _device(registry, "cpu"), _device(registry, "example-cpu")
     assert type(registry.moe_backend(cpu, _moe_spec())) is ReferenceMoE
     assert type(registry.moe_backend(example, _moe_spec())) is ReverseOrderMoE
+    assert "overrides of other plugins' devices: none" in render_plugins(registry)
     monkeypatch.setenv(OVERRIDES_ENV, "example:cpu")
-    assert type(PluginRegistry().moe_backend(cpu, _moe_spec())) is ReverseOrderMoE
+    enabled = PluginRegistry()
+    assert type(enabled.moe_backend(cpu, _moe_spec())) is ReverseOrderMoE
+    assert "overrides of other plugins' devices: example:cpu" in render_plugins(enabled)
