@@ -177,9 +177,11 @@ def check_compute(ctx: Context, case: Case, backend: MoEBackend, spec: MoESpec, 
     ids = skew.argsort(dim=-1, descending=True)[:, :k].contiguous()
     weights = torch.rand(tokens, k, generator=gen) + 0.1
 
+    with case.calling("process_weights_after_loading"):
+        w13_served, w2_served = backend.process_weights_after_loading(w13.to(dev, dtype), w2.to(dev, dtype))
     guarded = [Guarded("hidden", hidden, dtype, dev), Guarded("topk_weights", weights, torch.float32, dev),
-               Guarded("topk_ids", ids, torch.int64, dev), Guarded("w13", w13, dtype, dev),
-               Guarded("w2", w2, dtype, dev)]
+               Guarded("topk_ids", ids, torch.int64, dev), Guarded("w13", w13_served, w13_served.dtype, dev),
+               Guarded("w2", w2_served, w2_served.dtype, dev)]
     args = [g.tensor for g in guarded]
     with case.calling("compute_experts"):
         out = backend.compute_experts(*args)
@@ -188,6 +190,6 @@ def check_compute(ctx: Context, case: Case, backend: MoEBackend, spec: MoESpec, 
     if case.check_tensor("compute_experts", out, (tokens, D), dtype, dev):
         oracle = ReferenceMoE(replace(spec, dtype=ORACLE_DTYPE)).compute_experts(hidden, weights, ids, w13, w2)
         case.compare("", out, oracle, dtype, COMPUTE_BOUNDS[dtype])
-    ref = ReferenceMoE(spec)
-    case.timed(lambda: backend.compute_experts(*args), lambda: ref.compute_experts(*args), dev)
+    ref, ref_args = ReferenceMoE(spec), [*args[:3], w13.to(dev, dtype), w2.to(dev, dtype)]
+    case.timed(lambda: backend.compute_experts(*args), lambda: ref.compute_experts(*ref_args), dev)
     case.done()

@@ -234,6 +234,12 @@ class MoEBackend(ABC):
         topk_ids [T, k] int64). The order of the k entries within a row is free.
         """
 
+    def process_weights_after_loading(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called once after loading with the experts' weights as stored (shapes below); returns the
+        (w13, w2) that `compute_experts` receives from then on, in whatever layout its kernels want
+        (packed blocks, say). Default: unchanged."""
+        return w13, w2
+
     @abstractmethod
     def compute_experts(
         self,
@@ -245,9 +251,10 @@ class MoEBackend(ABC):
     ) -> torch.Tensor:
         """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) for every token t.
 
-        hidden [T, hidden_size]; w13 [E, 2 * intermediate_size, hidden_size] (gate rows, then up rows);
-        w2 [E, hidden_size, intermediate_size]; expert(x) = w2 @ (silu(gate x) * (up x)).
-        Returns [T, hidden_size] in hidden's dtype.
+        hidden [T, hidden_size]; topk_* as `select_experts` returns them. w13 and w2 as
+        `process_weights_after_loading` returned them; as stored, w13 is [E, 2 * intermediate_size,
+        hidden_size] (gate rows, then up rows) and w2 [E, hidden_size, intermediate_size];
+        expert(x) = w2 @ (silu(gate x) * (up x)). Returns [T, hidden_size] in hidden's dtype.
         """
 
 

@@ -224,10 +224,11 @@ def test_linears_stay_fp8_and_experts_are_dequantised(engine, ckpt):
     for i, m in zip((1, 2), routed):
         assert m.spec.quant == "none" and m.checkpoint_quant == "fp8_block" and m.w13.dtype == torch.float32
         assert not m.scales
+        w13, w2 = _stored_experts(m)
         for e in (0, 5):
             p = f"model.layers.{i}.mlp.experts.{e}."
             want = torch.cat([deq[p + "gate_proj.weight"], deq[p + "up_proj.weight"]])
-            assert torch.equal(m.w13[e], want) and torch.equal(m.w2[e], deq[p + "down_proj.weight"])
+            assert torch.equal(w13[e], want) and torch.equal(w2[e], deq[p + "down_proj.weight"])
     # the merged shared-expert gate/up: its scale rows come from both parts, in blocks
     shared = model.layers[1].mlp.shared_experts.gate_up_proj
     got = ReferenceFp8BlockLinear(shared.method.spec).dequantized_weight(dict(shared.params))
@@ -394,6 +395,17 @@ def test_malformed_weight_block_size_is_refused(ckpt, tmp_path):
 # tensor-parallel shards and other devices' methods
 
 
+def _stored_experts(m) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts' weights as loaded ([E, 2I, D], [E, D, I]), from whatever layout the MoE
+    backend repacked them into."""
+    from dsserve.plugins.cpu.moe import CpuFusedMoE
+    from dsserve.plugins.cpu.packing import unpack
+
+    if isinstance(m.backend, CpuFusedMoE):
+        return unpack(m.w13, m.spec.hidden_size), unpack(m.w2, m.spec.intermediate_size)
+    return m.w13, m.w2
+
+
 def _ctx(rank: int, tp: int):
     from dsserve.core.plugins import default_registry
     from dsserve.core.reference import SingleProcessCommunicator
@@ -470,9 +482,10 @@ def test_tensor_parallel_shards_slice_scales_in_blocks(tmp_path):
         routed = RoutedExperts(spec, ctx, correction_bias=False)
         _fill(routed, moe, tmp_path, ctx)
         half = slice(rank * inter // 2, (rank + 1) * inter // 2)
+        w13, w2 = _stored_experts(routed)
         for e in range(experts):
-            assert torch.equal(routed.w13[e], torch.cat([deq["gate_proj"][half], deq["up_proj"][half]]) * 2.0 ** e)
-            assert torch.equal(routed.w2[e], deq["down_proj"][:, half] * 2.0 ** e)
+            assert torch.equal(w13[e], torch.cat([deq["gate_proj"][half], deq["up_proj"][half]]) * 2.0 ** e)
+            assert torch.equal(w2[e], deq["down_proj"][:, half] * 2.0 ** e)
 
 
 @pytest.mark.parametrize("what", ["output features", "input features", "gate_proj"])

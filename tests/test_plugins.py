@@ -57,6 +57,14 @@ def _expected_available(name: str) -> bool:
     return torch.npu.is_available()
 
 
+def _cpu_moe() -> type:
+    """The cpu plugin's MoE backend: its fused C++ kernel where that builds here, else the reference."""
+    from dsserve.plugins.cpu import native
+    from dsserve.plugins.cpu.moe import CpuFusedMoE
+
+    return CpuFusedMoE if native.kernels() is not None else ReferenceMoE
+
+
 def _moe_spec() -> MoESpec:
     return MoESpec(num_experts=8, top_k=2, hidden_size=16, intermediate_size=32, scoring_func="sigmoid",
                    topk_method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
@@ -205,7 +213,7 @@ def test_tryfirst_plugin_overrides_one_hook_then_block_restores(registry):
     cpu = registry.select_device("cpu")
     spec = _moe_spec()
     before = type(registry.moe_backend(cpu, spec))
-    assert before is ReferenceMoE  # the cpu plugin's, whatever else is installed
+    assert before is _cpu_moe()  # the cpu plugin's, whatever else is installed
     plugin = RecordingPlugin()
     registry.register(plugin, name="recording-moe")
     assert "recording-moe" in [i.name for i in registry.plugins()]
@@ -282,7 +290,7 @@ def test_cpu_plugin_answers(registry):
                         dtype=torch.float32, kv_lora_rank=32, qk_rope_head_dim=8)
     linear = LinearSpec(16, 8, False, torch.float32)
     assert isinstance(cpu_plugin.dsserve_attention_backend(device=cpu, spec=mla), ReferenceMLAAttention)
-    assert type(cpu_plugin.dsserve_moe_backend(device=cpu, spec=_moe_spec())) is ReferenceMoE
+    assert type(cpu_plugin.dsserve_moe_backend(device=cpu, spec=_moe_spec())) is _cpu_moe()
     assert isinstance(cpu_plugin.dsserve_linear_method(device=cpu, spec=linear), UnquantizedLinear)
     comm = cpu_plugin.dsserve_communicator(device=cpu, group=None, rank=0, world_size=1)
     assert isinstance(comm, SingleProcessCommunicator) and comm.world_size == 1
@@ -434,7 +442,7 @@ def test_installed_example_plugin_overrides_cpu_only_when_asked(monkeypatch):
     monkeypatch.delenv(OVERRIDES_ENV, raising=False)
     registry = PluginRegistry()
     cpu, example = _device(registry, "cpu"), _device(registry, "example-cpu")
-    assert type(registry.moe_backend(cpu, _moe_spec())) is ReferenceMoE
+    assert type(registry.moe_backend(cpu, _moe_spec())) is _cpu_moe()
     assert type(registry.moe_backend(example, _moe_spec())) is ReverseOrderMoE
     assert "overrides of other plugins' devices: none" in render_plugins(registry)
     monkeypatch.setenv(OVERRIDES_ENV, "example:cpu")

@@ -74,8 +74,12 @@ class RoutedExperts(CheckpointModule):
 
     def post_load(self) -> None:
         super().post_load()
-        if not self.scales:
-            return
+        if self.scales:
+            self._dequantize_experts()
+        w13, w2 = self.backend.process_weights_after_loading(self.w13.data, self.w2.data)
+        self.w13, self.w2 = nn.Parameter(w13, requires_grad=False), nn.Parameter(w2, requires_grad=False)
+
+    def _dequantize_experts(self) -> None:
         inter, s = self.spec.intermediate_size, self.scales
         self.fp8_bytes = self.w13.numel() + self.w2.numel() + 4 * sum(t.numel() for t in s.values())
         for e in range(self.spec.num_experts):  # one expert at a time: float32 temporaries stay small

@@ -3,12 +3,13 @@
 Provides the `cpu` device (threads from the cores this process may use, float32 or bfloat16 by the
 CPU's bf16 units, memory from /proc/meminfo) and answers every backend hook for it.
 
-Linear layers run through oneDNN (`onednn.py`: faster than MKL for decoding's skinny GEMMs); attention,
-MoE and collectives are the core's torch-native reference implementations, the best CPU code dsserve
-has for them today (a padded all-expert bmm and oneDNN expert GEMMs were measured and were slower).
-Further CPU kernels (INT8 through torch._int_mm, IPEX/AMX) replace them here, one hook at a time,
-without touching the core. A spec this module
-does not name (a quantization scheme, say) is answered None, so the reference decides for itself.
+Linear layers run through oneDNN on weights reordered once at load (`onednn.py`). Routed experts run
+through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
+at load, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
+on first use); where it cannot be built, or for a spec it does not serve, the reference does.
+Attention and collectives are the core's torch-native reference implementations for now. A spec
+this module does not name (a quantization scheme, say) is answered None, so the reference decides
+for itself.
 """
 from __future__ import annotations
 
@@ -49,8 +50,14 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 
 @hookimpl
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
+    from . import native
+    from .moe import CpuFusedMoE, unsupported
+
+    kernels, reason = native.kernels(), unsupported(spec)
+    if kernels is not None and reason is None:
+        return CpuFusedMoE(spec, kernels, native.isa())
     if spec.quant != "none":
-        return None
+        return None  # the reference decides for itself
     from dsserve.core.reference import ReferenceMoE
 
     return ReferenceMoE(spec)
@@ -60,9 +67,13 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
     if spec.quant != "none":
         return None
-    from .onednn import OneDnnLinear
+    from . import onednn
 
-    return OneDnnLinear(spec)
+    if onednn.available() and spec.dtype in onednn.DTYPES:
+        return onednn.OneDnnLinear(spec)
+    from dsserve.core.reference import UnquantizedLinear
+
+    return UnquantizedLinear(spec)
 
 
 @hookimpl

@@ -1,0 +1,159 @@
+// One output block of 16 columns of y = x W^T, for up to 8 rows of x, on a packed weight.
+//
+// Packed layouts (made once at load by dsserve.plugins.cpu.packing): W [N, K] becomes N/16 blocks,
+// each block the 16 rows n0..n0+15 of W laid out so that one vector load feeds 16 columns:
+//   bfloat16: block[(k / 2) * 32 + j * 2 + k % 2] = W[n0 + j][k]   (K even: pairs along K, the
+//             operand layout of AVX512-BF16's vdpbf16ps)
+//   float32:  block[k * 16 + j] = W[n0 + j][k]
+// A block of K x 16 weights is read once per call and reused for every row, so a decode step reads
+// each weight once, and a prefill chunk of rows keeps it in L1/L2.
+//
+// The ISA is chosen by the caller (Python reads the CPU's flags and passes it), so one build serves
+// every CPU, and tests can run each lower path on a CPU that has a higher one.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace dsserve_cpu {
+
+constexpr int64_t kBlockN = 16;
+constexpr int kMaxRows = 8;
+
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+inline float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// ------------------------------------------------------------------------------ bfloat16 weights
+
+template <int ROWS>
+__attribute__((target("avx512f,avx512bf16"))) void block_bf16_dpbf16(
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+  __m512 acc[ROWS];
+  const int32_t* xp[ROWS];
+  for (int m = 0; m < ROWS; ++m) {
+    acc[m] = _mm512_setzero_ps();
+    xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);  // a pair of bf16 along K per int32
+  }
+  for (int64_t kk = 0; kk < K / 2; ++kk) {
+    const __m512i wv = _mm512_loadu_si512(w + kk * 32);
+    for (int m = 0; m < ROWS; ++m) {
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)wv);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+// AVX-512 without the BF16 extension: widen each pair to float32 (a bf16 is the high half of a float).
+template <int ROWS>
+__attribute__((target("avx512f"))) void block_bf16_avx512(
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+  __m512 acc[ROWS];
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t kk = 0; kk < K / 2; ++kk) {
+    const __m512i wv = _mm512_loadu_si512(w + kk * 32);
+    const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+    const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+    for (int m = 0; m < ROWS; ++m) {
+      const at::BFloat16* xr = x + m * ldx + 2 * kk;
+      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(xr[0])), w_even, acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(xr[1])), w_odd, acc[m]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+// AVX2: the same on two 8-column halves.
+template <int ROWS>
+__attribute__((target("avx2,fma"))) void block_bf16_avx2(
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[ROWS][2];
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t kk = 0; kk < K / 2; ++kk) {
+    for (int half = 0; half < 2; ++half) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk * 32 + half * 16));
+      const __m256 w_even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 w_odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+      for (int m = 0; m < ROWS; ++m) {
+        const at::BFloat16* xr = x + m * ldx + 2 * kk;
+        acc[m][half] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_float(xr[0])), w_even, acc[m][half]);
+        acc[m][half] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_float(xr[1])), w_odd, acc[m][half]);
+      }
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    _mm256_storeu_ps(out + m * ldo, acc[m][0]);
+    _mm256_storeu_ps(out + m * ldo + 8, acc[m][1]);
+  }
+}
+
+// ------------------------------------------------------------------------------- float32 weights
+
+template <int ROWS>
+__attribute__((target("avx512f"))) void block_f32_avx512(
+    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+  __m512 acc[ROWS];
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wv = _mm512_loadu_ps(w + k * 16);
+    for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k]), wv, acc[m]);
+  }
+  for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma"))) void block_f32_avx2(
+    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[ROWS][2];
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * 16);
+    const __m256 w1 = _mm256_loadu_ps(w + k * 16 + 8);
+    for (int m = 0; m < ROWS; ++m) {
+      const __m256 xv = _mm256_set1_ps(x[m * ldx + k]);
+      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    _mm256_storeu_ps(out + m * ldo, acc[m][0]);
+    _mm256_storeu_ps(out + m * ldo + 8, acc[m][1]);
+  }
+}
+
+// ------------------------------------------------------------------------------------- dispatch
+
+template <typename T, int ROWS>
+inline void block_rows(Isa isa, const T* x, int64_t ldx, const T* w, int64_t K, float* out, int64_t ldo) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (isa == kAvx512Bf16) return block_bf16_dpbf16<ROWS>(x, ldx, w, K, out, ldo);
+    if (isa == kAvx512) return block_bf16_avx512<ROWS>(x, ldx, w, K, out, ldo);
+    return block_bf16_avx2<ROWS>(x, ldx, w, K, out, ldo);
+  } else {
+    if (isa >= kAvx512) return block_f32_avx512<ROWS>(x, ldx, w, K, out, ldo);
+    return block_f32_avx2<ROWS>(x, ldx, w, K, out, ldo);
+  }
+}
+
+// out[m * ldo + j] = sum_k x[m * ldx + k] * W[block][j][k] for m < rows (1..kMaxRows), j < 16.
+template <typename T>
+inline void block_gemm(Isa isa, int rows, const T* x, int64_t ldx, const T* w, int64_t K, float* out,
+                       int64_t ldo) {
+  switch (rows) {
+    case 1: return block_rows<T, 1>(isa, x, ldx, w, K, out, ldo);
+    case 2: return block_rows<T, 2>(isa, x, ldx, w, K, out, ldo);
+    case 3: return block_rows<T, 3>(isa, x, ldx, w, K, out, ldo);
+    case 4: return block_rows<T, 4>(isa, x, ldx, w, K, out, ldo);
+    case 5: return block_rows<T, 5>(isa, x, ldx, w, K, out, ldo);
+    case 6: return block_rows<T, 6>(isa, x, ldx, w, K, out, ldo);
+    case 7: return block_rows<T, 7>(isa, x, ldx, w, K, out, ldo);
+    default: return block_rows<T, 8>(isa, x, ldx, w, K, out, ldo);
+  }
+}
+
+}  // namespace dsserve_cpu

@@ -1,0 +1,135 @@
+// Routed experts of one MoE layer in one call: every (token, expert) pair of the batch, grouped by
+// expert, through gate/up, SiLU-and-mul and down, weighted and summed per token.
+//
+// Parallel over output column blocks, never over tokens or experts: a thread owns a block of 16
+// columns for every expert, so it reads each expert's block of weights once per step (a decode step
+// is bound by reading the weights) and is the only writer of those output columns (no atomics, no
+// per-expert partial sums to reduce).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "block_gemm.h"
+
+namespace dsserve_cpu {
+namespace {
+
+struct Grouping {
+  std::vector<int64_t> offsets;  // pairs of expert e: [offsets[e], offsets[e + 1])
+  std::vector<int64_t> token;    // token of each pair, grouped by expert
+  std::vector<float> weight;     // its routing weight
+};
+
+Grouping group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t experts) {
+  const int64_t pairs = topk_ids.numel(), k = topk_ids.size(1);
+  const int64_t* ids = topk_ids.data_ptr<int64_t>();
+  const float* weights = topk_weights.data_ptr<float>();
+  Grouping g;
+  g.offsets.assign(experts + 1, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < experts, "topk_ids holds expert ", ids[p], " of ", experts);
+    ++g.offsets[ids[p] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) g.offsets[e + 1] += g.offsets[e];
+  std::vector<int64_t> next(g.offsets.begin(), g.offsets.end() - 1);
+  g.token.resize(pairs);
+  g.weight.resize(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {  // stable: pairs of one expert keep their token order
+    const int64_t slot = next[ids[p]]++;
+    g.token[slot] = p / k;
+    g.weight[slot] = weights[p];
+  }
+  return g;
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+template <typename T>
+at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                          const at::Tensor& topk_weights, const at::Tensor& topk_ids, Isa isa) {
+  const int64_t tokens = hidden.size(0), D = hidden.size(1), E = w13.size(0);
+  const int64_t inter_blocks = w13.size(1) / 2, I = inter_blocks * kBlockN, out_blocks = w2.size(1);
+  const Grouping g = group_by_expert(topk_ids, topk_weights, E);
+  const int64_t pairs = static_cast<int64_t>(g.token.size());
+
+  // The pairs' input rows, contiguous per expert.
+  at::Tensor xs = hidden.index_select(0, torch::tensor(g.token, torch::kInt64));
+  at::Tensor act = at::empty({pairs, I}, hidden.options());
+  const T* x = xs.data_ptr<T>();
+  T* a = act.data_ptr<T>();
+  const T* w13p = w13.data_ptr<T>();
+  const T* w2p = w2.data_ptr<T>();
+  const int64_t w13_block = D * kBlockN, w2_block = I * kBlockN;  // elements per packed block
+
+  // gate and up blocks b of every expert -> act[:, b*16 : b*16+16] = silu(gate) * up
+  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
+    float gate[kMaxRows * kBlockN], up[kMaxRows * kBlockN];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        const T* wg = w13p + (e * 2 * inter_blocks + b) * w13_block;
+        const T* wu = w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block;
+        for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.offsets[e + 1] - p));
+          block_gemm<T>(isa, rows, x + p * D, D, wg, D, gate, kBlockN);
+          block_gemm<T>(isa, rows, x + p * D, D, wu, D, up, kBlockN);
+          for (int m = 0; m < rows; ++m)
+            for (int j = 0; j < kBlockN; ++j)
+              a[(p + m) * I + b * kBlockN + j] = static_cast<T>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
+        }
+      }
+    }
+  });
+
+  // down blocks nb of every expert, weighted, summed into the tokens' output columns
+  at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
+    float y[kMaxRows * kBlockN];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t e = 0; e < E; ++e) {
+        const T* wd = w2p + (e * out_blocks + nb) * w2_block;
+        for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.offsets[e + 1] - p));
+          block_gemm<T>(isa, rows, a + p * I, I, wd, I, y, kBlockN);
+          for (int m = 0; m < rows; ++m) {
+            float* dst = o + g.token[p + m] * D + nb * kBlockN;
+            const float wt = g.weight[p + m];
+            for (int j = 0; j < kBlockN; ++j) dst[j] += wt * y[m * kBlockN + j];
+          }
+        }
+      }
+    }
+  });
+  return out.to(hidden.scalar_type());
+}
+
+}  // namespace
+
+// hidden [T, D]; w13 packed [E, 2I/16, D*16] (gate blocks, then up blocks); w2 packed [E, D/16, I*16];
+// topk_weights [T, k] float32; topk_ids [T, k] int64. Returns [T, D] in hidden's dtype.
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t isa) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [T, D] tensor");
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
+              "w13 and w2 must be packed by dsserve.plugins.cpu.packing");
+  TORCH_CHECK(w13.scalar_type() == hidden.scalar_type() && w2.scalar_type() == hidden.scalar_type(),
+              "weights and hidden must share a dtype");
+  TORCH_CHECK(w13.size(2) == hidden.size(1) * kBlockN && w2.size(1) * kBlockN == hidden.size(1),
+              "packed weights do not match hidden_size ", hidden.size(1));
+  const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  switch (hidden.scalar_type()) {
+    case at::kBFloat16:
+      return fused_moe_impl<at::BFloat16>(hidden, w13, w2, weights, ids, static_cast<Isa>(isa));
+    case at::kFloat:
+      return fused_moe_impl<float>(hidden, w13, w2, weights, ids, static_cast<Isa>(isa));
+    default:
+      TORCH_CHECK(false, "fused_moe serves bfloat16 and float32, not ", hidden.scalar_type());
+  }
+}
+
+}  // namespace dsserve_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
+}

@@ -1,0 +1,70 @@
+"""The cpu plugin's C++ kernels (csrc/): compiled on first use, picked per CPU at run time.
+
+One build serves every x86 CPU: each kernel is compiled for AVX2, AVX-512 and AVX-512-BF16 with
+per-function target attributes, and the caller passes the ISA to use (`isa()`: the best this CPU
+has). The build goes to torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else
+~/.cache/torch_extensions) under a name that hashes the sources and the torch version, so a changed
+source or torch rebuilds and an unchanged one loads in a second. Where no compiler is present (or the
+build fails) `kernels()` is None, one log line says why, and the torch reference serves those ops.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .device import cpu_flags
+
+log = logging.getLogger("dsserve")
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+class Isa(enum.IntEnum):
+    """The kernel variants, as csrc/block_gemm.h numbers them."""
+
+    AVX2 = 0
+    AVX512 = 1
+    AVX512_BF16 = 2
+
+
+def isa(flags: frozenset[str] | None = None) -> Isa | None:
+    """The best kernel variant this CPU runs (None: below AVX2 + FMA, the kernels are not used)."""
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512_bf16"} <= flags:
+        return Isa.AVX512_BF16
+    if "avx512f" in flags:
+        return Isa.AVX512
+    if {"avx2", "fma"} <= flags:
+        return Isa.AVX2
+    return None
+
+
+def build_name() -> str:
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"dsserve_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
+@lru_cache(maxsize=1)
+def kernels():
+    """The compiled extension module, or None (logged once) where it cannot be had."""
+    if isa() is None:
+        log.info("cpu: no AVX2/FMA on this CPU: the torch reference serves the ops of the C++ kernels")
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name=build_name(), sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
+            extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: fall back, say so
+        detail = " ".join(str(e).split())[:300]
+        log.warning("cpu: C++ kernels unavailable (%s: %s); the torch reference serves their ops",
+                    type(e).__name__, detail)
+        return None

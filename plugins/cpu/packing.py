@@ -1,0 +1,47 @@
+"""Weights laid out for the C++ block GEMM (csrc/block_gemm.h), once, at load.
+
+W [..., N, K] becomes [..., N / 16, K * 16]: blocks of 16 output rows whose K x 16 weights one
+vector load after another feeds to 16 accumulators. bfloat16 keeps pairs of K together (the
+operand layout of vdpbf16ps); float32 is K-major within a block.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK_N = 16
+
+
+def packable(n: int, k: int, dtype: torch.dtype) -> str | None:
+    """Why [n, k] cannot be packed for `dtype` (None: it can)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"{dtype} is not served (bfloat16 and float32 are)"
+    if n % BLOCK_N:
+        return f"{n} output rows are not a multiple of {BLOCK_N}"
+    if dtype == torch.bfloat16 and k % 2:
+        return f"{k} input columns are odd (bfloat16 pairs them)"
+    return None
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """W [..., N, K] in bfloat16 or float32 -> the packed [..., N / 16, K * 16]."""
+    *lead, n, k = w.shape
+    reason = packable(n, k, w.dtype)
+    if reason:
+        raise ValueError(f"cannot pack a [{n}, {k}] weight: {reason}")
+    blocks = w.reshape(*lead, n // BLOCK_N, BLOCK_N, k)
+    if w.dtype == torch.bfloat16:
+        # [.., nb, 16, K/2, 2] -> [.., nb, K/2, 16, 2]
+        packed = blocks.reshape(*lead, n // BLOCK_N, BLOCK_N, k // 2, 2).transpose(-3, -2)
+    else:
+        packed = blocks.transpose(-2, -1)  # [.., nb, K, 16]
+    return packed.contiguous().reshape(*lead, n // BLOCK_N, k * BLOCK_N)
+
+
+def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `pack`, for the experts' plain weights (tests; a format change)."""
+    *lead, nb, _ = packed.shape
+    if packed.dtype == torch.bfloat16:
+        w = packed.reshape(*lead, nb, k // 2, BLOCK_N, 2).transpose(-3, -2)
+    else:
+        w = packed.reshape(*lead, nb, k, BLOCK_N).transpose(-2, -1)
+    return w.reshape(*lead, nb * BLOCK_N, k)

@@ -1,0 +1,103 @@
+"""The cpu plugin's C++ kernels against the float64 reference, on every ISA variant this CPU can run
+(a lower variant runs on a higher CPU: an AVX-512 machine checks the AVX2 path too), and the fallback
+where they cannot be built."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsserve.core.backends import MoESpec
+from dsserve.core.reference import ReferenceMoE
+from dsserve.plugins.cpu import native
+from dsserve.plugins.cpu.moe import CpuFusedMoE, unsupported
+from dsserve.plugins.cpu.packing import pack, packable, unpack
+
+BEST = native.isa()
+RUNNABLE = [isa for isa in native.Isa if BEST is not None and isa <= BEST]
+needs_kernels = pytest.mark.skipif(BEST is None or native.kernels() is None,
+                                   reason="no AVX2/FMA on this CPU or no C++ toolchain: the reference serves")
+# normalised squared error bounds: float32 sums in another order; bfloat16 rounds the activation
+# between the GEMMs and the output, as the reference does
+BOUNDS = {torch.float32: 1e-10, torch.bfloat16: 3e-4}
+
+
+def _isa_param(isa: native.Isa):
+    return pytest.param(isa, id=isa.name.lower())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_round_trips(dtype):
+    w = torch.randn(3, 48, 34).to(dtype)
+    packed = pack(w)
+    assert packed.shape == (3, 3, 34 * 16)
+    assert torch.equal(unpack(packed, 34), w)
+
+
+def test_unpackable_shapes_are_named():
+    assert "not a multiple of 16" in packable(40, 32, torch.bfloat16)
+    assert "odd" in packable(32, 33, torch.bfloat16)
+    assert packable(32, 33, torch.float32) is None
+    assert "float16" in packable(32, 32, torch.float16)
+    spec = MoESpec(8, 2, 64, 40, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16)
+    assert "multiple of 16" in unsupported(spec)
+    assert "quantization" in unsupported(MoESpec(8, 2, 64, 48, "sigmoid", "greedy", 1, 1, True, 1.0,
+                                                 torch.bfloat16, quant="fp8_block"))
+
+
+def test_isa_is_read_from_the_cpu_flags():
+    assert native.isa(frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})) is native.Isa.AVX512_BF16
+    assert native.isa(frozenset({"avx2", "fma", "avx512f"})) is native.Isa.AVX512
+    assert native.isa(frozenset({"avx2", "fma"})) is native.Isa.AVX2
+    assert native.isa(frozenset({"sse4_2"})) is None
+
+
+def _case(tokens: int, experts: int, k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    x = rnd(tokens, hidden)
+    w13, w2 = rnd(experts, 2 * inter, hidden, std=hidden ** -0.5), rnd(experts, hidden, inter, std=inter ** -0.5)
+    # skewed: expert 0 gets most tokens (more than the kernel's 8-row tile), some get none
+    skew = torch.rand(tokens, experts, generator=gen) * torch.linspace(3.0, 1.0, experts)
+    ids = skew.argsort(dim=-1, descending=True)[:, :k].contiguous()
+    weights = torch.rand(tokens, k, generator=gen) + 0.1
+    return x, w13, w2, ids, weights
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,experts,k,hidden,inter", [
+    (1, 8, 2, 64, 32), (5, 16, 6, 128, 48), (37, 32, 4, 256, 64), (0, 4, 2, 32, 16),
+])
+def test_fused_moe_matches_the_reference(isa, dtype, tokens, experts, k, hidden, inter):
+    x, w13, w2, ids, weights = _case(tokens, experts, k, hidden, inter, dtype, seed=tokens + experts)
+    spec = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype)
+    backend = CpuFusedMoE(spec, native.kernels(), isa)
+    p13, p2 = backend.process_weights_after_loading(w13, w2)
+    out = backend.compute_experts(x, weights, ids, p13, p2)
+    assert out.shape == (tokens, hidden) and out.dtype == dtype
+    oracle = ReferenceMoE(MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, torch.float64))
+    want = oracle.compute_experts(x.double(), weights, ids, w13.double(), w2.double())
+    if tokens:
+        err = float((out.double() - want).pow(2).sum() / want.pow(2).sum())
+        assert err < BOUNDS[dtype], f"normalised error {err:.1e}"
+
+
+@needs_kernels
+def test_fused_moe_refuses_mismatched_weights():
+    x, w13, w2, ids, weights = _case(3, 4, 2, 64, 32, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="packed"):
+        native.kernels().fused_moe(x, w13, w2, weights, ids, int(BEST))  # not packed
+    with pytest.raises(RuntimeError, match="topk_ids holds expert 9"):
+        native.kernels().fused_moe(x, pack(w13), pack(w2), weights, torch.full_like(ids, 9), int(BEST))
+
+
+def test_without_kernels_the_cpu_plugin_serves_the_reference(monkeypatch):
+    import dsserve.plugins.cpu as cpu_plugin
+
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    spec = MoESpec(8, 2, 64, 32, "sigmoid", "greedy", 1, 1, True, 1.0, torch.float32)
+    assert type(cpu_plugin.dsserve_moe_backend(device=cpu_plugin.CpuDevice(), spec=spec)) is ReferenceMoE
