@@ -64,7 +64,9 @@ def kernels():
             name=build_name(), sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
             extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: fall back, say so
-        detail = " ".join(str(e).split())[:300]
+        # a build error's message is the whole compiler log: its first error line says what failed
+        lines = str(e).splitlines()
+        detail = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")[:300]
         log.warning("cpu: C++ kernels unavailable (%s: %s); the torch reference serves their ops",
                     type(e).__name__, detail)
         return None

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 namespace dsserve_cpu {
@@ -31,11 +32,12 @@ inline float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 template <int ROWS>
 __attribute__((target("avx512f,avx512bf16"))) void block_bf16_dpbf16(
-    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo,
+    bool accumulate) {
   __m512 acc[ROWS];
   const int32_t* xp[ROWS];
   for (int m = 0; m < ROWS; ++m) {
-    acc[m] = _mm512_setzero_ps();
+    acc[m] = accumulate ? _mm512_loadu_ps(out + m * ldo) : _mm512_setzero_ps();
     xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);  // a pair of bf16 along K per int32
   }
   for (int64_t kk = 0; kk < K / 2; ++kk) {
@@ -50,9 +52,10 @@ __attribute__((target("avx512f,avx512bf16"))) void block_bf16_dpbf16(
 // AVX-512 without the BF16 extension: widen each pair to float32 (a bf16 is the high half of a float).
 template <int ROWS>
 __attribute__((target("avx512f"))) void block_bf16_avx512(
-    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo,
+    bool accumulate) {
   __m512 acc[ROWS];
-  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int m = 0; m < ROWS; ++m) acc[m] = accumulate ? _mm512_loadu_ps(out + m * ldo) : _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t kk = 0; kk < K / 2; ++kk) {
     const __m512i wv = _mm512_loadu_si512(w + kk * 32);
@@ -70,9 +73,13 @@ __attribute__((target("avx512f"))) void block_bf16_avx512(
 // AVX2: the same on two 8-column halves.
 template <int ROWS>
 __attribute__((target("avx2,fma"))) void block_bf16_avx2(
-    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo) {
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out, int64_t ldo,
+    bool accumulate) {
   __m256 acc[ROWS][2];
-  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int m = 0; m < ROWS; ++m) {
+    acc[m][0] = accumulate ? _mm256_loadu_ps(out + m * ldo) : _mm256_setzero_ps();
+    acc[m][1] = accumulate ? _mm256_loadu_ps(out + m * ldo + 8) : _mm256_setzero_ps();
+  }
   const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t kk = 0; kk < K / 2; ++kk) {
     for (int half = 0; half < 2; ++half) {
@@ -96,9 +103,10 @@ __attribute__((target("avx2,fma"))) void block_bf16_avx2(
 
 template <int ROWS>
 __attribute__((target("avx512f"))) void block_f32_avx512(
-    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo,
+    bool accumulate) {
   __m512 acc[ROWS];
-  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int m = 0; m < ROWS; ++m) acc[m] = accumulate ? _mm512_loadu_ps(out + m * ldo) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 wv = _mm512_loadu_ps(w + k * 16);
     for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k]), wv, acc[m]);
@@ -108,9 +116,13 @@ __attribute__((target("avx512f"))) void block_f32_avx512(
 
 template <int ROWS>
 __attribute__((target("avx2,fma"))) void block_f32_avx2(
-    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+    const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo,
+    bool accumulate) {
   __m256 acc[ROWS][2];
-  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int m = 0; m < ROWS; ++m) {
+    acc[m][0] = accumulate ? _mm256_loadu_ps(out + m * ldo) : _mm256_setzero_ps();
+    acc[m][1] = accumulate ? _mm256_loadu_ps(out + m * ldo + 8) : _mm256_setzero_ps();
+  }
   for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(w + k * 16);
     const __m256 w1 = _mm256_loadu_ps(w + k * 16 + 8);
@@ -129,30 +141,45 @@ __attribute__((target("avx2,fma"))) void block_f32_avx2(
 // ------------------------------------------------------------------------------------- dispatch
 
 template <typename T, int ROWS>
-inline void block_rows(Isa isa, const T* x, int64_t ldx, const T* w, int64_t K, float* out, int64_t ldo) {
+inline void block_rows(Isa isa, const T* x, int64_t ldx, const T* w, int64_t K, float* out, int64_t ldo,
+                       bool accumulate) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (isa == kAvx512Bf16) return block_bf16_dpbf16<ROWS>(x, ldx, w, K, out, ldo);
-    if (isa == kAvx512) return block_bf16_avx512<ROWS>(x, ldx, w, K, out, ldo);
-    return block_bf16_avx2<ROWS>(x, ldx, w, K, out, ldo);
+    if (isa == kAvx512Bf16) return block_bf16_dpbf16<ROWS>(x, ldx, w, K, out, ldo, accumulate);
+    if (isa == kAvx512) return block_bf16_avx512<ROWS>(x, ldx, w, K, out, ldo, accumulate);
+    return block_bf16_avx2<ROWS>(x, ldx, w, K, out, ldo, accumulate);
   } else {
-    if (isa >= kAvx512) return block_f32_avx512<ROWS>(x, ldx, w, K, out, ldo);
-    return block_f32_avx2<ROWS>(x, ldx, w, K, out, ldo);
+    if (isa >= kAvx512) return block_f32_avx512<ROWS>(x, ldx, w, K, out, ldo, accumulate);
+    return block_f32_avx2<ROWS>(x, ldx, w, K, out, ldo, accumulate);
   }
 }
 
-// out[m * ldo + j] = sum_k x[m * ldx + k] * W[block][j][k] for m < rows (1..kMaxRows), j < 16.
+template <typename T, int ROWS>
+inline void block_tile(Isa isa, int rows, const T* x, int64_t ldx, const T* w, int64_t K, float* out,
+                       int64_t ldo, bool accumulate) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return block_tile<T, ROWS - 1>(isa, rows, x, ldx, w, K, out, ldo, accumulate);
+  }
+  block_rows<T, ROWS>(isa, x, ldx, w, K, out, ldo, accumulate);
+}
+
+// out[m * ldo + j] = sum_k x[m * ldx + k] * W[block][j][k] for any number of rows, j < 16.
+// Rows go in tiles whose accumulators stay in registers: AVX2 4 (two registers a row of its 16),
+// AVX-512 8 (16 measured slower: the accumulators spill). K goes in chunks of kChunkK so that the
+// chunk of the block a tile has just read (8 KiB in bfloat16) is still in L1 for the next tile:
+// the weights come from memory once whatever the number of rows.
+constexpr int64_t kChunkK = 256;
+
 template <typename T>
-inline void block_gemm(Isa isa, int rows, const T* x, int64_t ldx, const T* w, int64_t K, float* out,
+inline void block_gemm(Isa isa, int64_t rows, const T* x, int64_t ldx, const T* w, int64_t K, float* out,
                        int64_t ldo) {
-  switch (rows) {
-    case 1: return block_rows<T, 1>(isa, x, ldx, w, K, out, ldo);
-    case 2: return block_rows<T, 2>(isa, x, ldx, w, K, out, ldo);
-    case 3: return block_rows<T, 3>(isa, x, ldx, w, K, out, ldo);
-    case 4: return block_rows<T, 4>(isa, x, ldx, w, K, out, ldo);
-    case 5: return block_rows<T, 5>(isa, x, ldx, w, K, out, ldo);
-    case 6: return block_rows<T, 6>(isa, x, ldx, w, K, out, ldo);
-    case 7: return block_rows<T, 7>(isa, x, ldx, w, K, out, ldo);
-    default: return block_rows<T, 8>(isa, x, ldx, w, K, out, ldo);
+  const int64_t tile = isa == kAvx2 ? 4 : kMaxRows;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+    const int64_t kc = std::min(kChunkK, K - k0);
+    for (int64_t m0 = 0; m0 < rows; m0 += tile) {
+      const int n = static_cast<int>(std::min(tile, rows - m0));
+      block_tile<T, kMaxRows>(isa, n, x + m0 * ldx + k0, ldx, w + k0 * kBlockN, kc, out + m0 * ldo, ldo,
+                              /*accumulate=*/k0 > 0);
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "block_gemm.h"
@@ -62,21 +63,23 @@ at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const
   const T* w2p = w2.data_ptr<T>();
   const int64_t w13_block = D * kBlockN, w2_block = I * kBlockN;  // elements per packed block
 
+  int64_t most = 0;  // the most pairs any expert has: the size of the per-thread block buffers
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
+
   // gate and up blocks b of every expert -> act[:, b*16 : b*16+16] = silu(gate) * up
   at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
-    float gate[kMaxRows * kBlockN], up[kMaxRows * kBlockN];
+    std::vector<float> gate(most * kBlockN), up(most * kBlockN);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t e = 0; e < E; ++e) {
-        const T* wg = w13p + (e * 2 * inter_blocks + b) * w13_block;
-        const T* wu = w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block;
-        for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.offsets[e + 1] - p));
-          block_gemm<T>(isa, rows, x + p * D, D, wg, D, gate, kBlockN);
-          block_gemm<T>(isa, rows, x + p * D, D, wu, D, up, kBlockN);
-          for (int m = 0; m < rows; ++m)
-            for (int j = 0; j < kBlockN; ++j)
-              a[(p + m) * I + b * kBlockN + j] = static_cast<T>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
-        }
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        block_gemm<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + b) * w13_block, D, gate.data(),
+                      kBlockN);
+        block_gemm<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block, D,
+                      up.data(), kBlockN);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int j = 0; j < kBlockN; ++j)
+            a[(p + m) * I + b * kBlockN + j] = static_cast<T>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
       }
     }
   });
@@ -85,18 +88,16 @@ at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const
   at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
-    float y[kMaxRows * kBlockN];
+    std::vector<float> y(most * kBlockN);
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t e = 0; e < E; ++e) {
-        const T* wd = w2p + (e * out_blocks + nb) * w2_block;
-        for (int64_t p = g.offsets[e]; p < g.offsets[e + 1]; p += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, g.offsets[e + 1] - p));
-          block_gemm<T>(isa, rows, a + p * I, I, wd, I, y, kBlockN);
-          for (int m = 0; m < rows; ++m) {
-            float* dst = o + g.token[p + m] * D + nb * kBlockN;
-            const float wt = g.weight[p + m];
-            for (int j = 0; j < kBlockN; ++j) dst[j] += wt * y[m * kBlockN + j];
-          }
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        block_gemm<T>(isa, rows, a + p * I, I, w2p + (e * out_blocks + nb) * w2_block, I, y.data(), kBlockN);
+        for (int64_t m = 0; m < rows; ++m) {
+          float* dst = o + g.token[p + m] * D + nb * kBlockN;
+          const float wt = g.weight[p + m];
+          for (int j = 0; j < kBlockN; ++j) dst[j] += wt * y[m * kBlockN + j];
         }
       }
     }
@@ -130,6 +131,3 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
 
 }  // namespace dsserve_cpu
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
-}

@@ -1,0 +1,11 @@
+// The Python module of the cpu plugin's kernels: one entry per kernel file.
+#include <torch/extension.h>
+
+namespace dsserve_cpu {
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t isa);
+}  // namespace dsserve_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
+}
