@@ -101,3 +101,40 @@ def test_without_kernels_the_cpu_plugin_serves_the_reference(monkeypatch):
     monkeypatch.setattr(native, "kernels", lambda: None)
     spec = MoESpec(8, 2, 64, 32, "sigmoid", "greedy", 1, 1, True, 1.0, torch.float32)
     assert type(cpu_plugin.dsserve_moe_backend(device=cpu_plugin.CpuDevice(), spec=spec)) is ReferenceMoE
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,page_size,chunks", [
+    ([1], 16, 1), ([37], 16, 4), ([300, 5, 64], 16, 3), ([130, 129], 1, 7), ([17], 64, 32),
+])
+def test_mla_decode_matches_the_reference(dtype, lens, page_size, chunks):
+    """Every chunking of the KV length (more chunks than tokens included) gives the reference's answer."""
+    from dsserve.core.backends import AttentionSpec
+    from dsserve.core.forward_batch import AttentionMetadata
+    from dsserve.core.reference import ReferenceMLAAttention
+
+    gen = torch.Generator().manual_seed(len(lens) * 100 + page_size)
+    rank, rope, heads = 64, 16, 4
+    spec = AttentionSpec(kind="mla", num_heads=heads, num_kv_heads=1, head_dim=48 + rope, v_head_dim=32,
+                         scale=0.3, dtype=dtype, page_size=page_size, kv_lora_rank=rank, qk_rope_head_dim=rope)
+    pages_per_seq = [-(-n // page_size) for n in lens]
+    order = torch.randperm(sum(pages_per_seq), generator=gen) + 1  # scattered pages, page 0 unused
+    tables, start = [], 0
+    for n in pages_per_seq:
+        tables.append(order[start:start + n].tolist())
+        start += n
+    cache = (torch.randn(sum(pages_per_seq) + 1, page_size, rank + rope, generator=gen)).to(dtype)
+    meta = AttentionMetadata.build(prefix_lens=[n - 1 for n in lens], extend_lens=[1] * len(lens),
+                                   page_table=tables, page_size=page_size, device="cpu")
+    q_latent = torch.randn(len(lens), heads, rank, generator=gen).to(dtype)
+    q_pe = torch.randn(len(lens), heads, rope, generator=gen).to(dtype)
+    latent = torch.randn(len(lens), rank + rope, generator=gen).to(dtype)
+    want = ReferenceMLAAttention(spec).forward_decode(q_latent, q_pe, latent, cache.clone(), meta)
+    flat = cache.view(-1, rank + rope)
+    flat[meta.out_cache_loc] = latent
+    q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
+    got = native.kernels().mla_decode(q, flat, meta.page_table, meta.seq_lens, page_size, rank, spec.scale, chunks)
+    err = float((got.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
+    assert got.shape == want.shape and got.dtype == dtype
+    assert err < BOUNDS[dtype], f"normalised error {err:.1e}"

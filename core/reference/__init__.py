@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..backends import AttentionSpec, Device, LinearSpec, MoESpec
 from ..hookspecs import hookimpl
-from .attention import ReferenceMHAAttention, ReferenceMLAAttention
+from .attention import ReferenceMHAAttention, ReferenceMLAAttention, write_cache
 from .communicator import SingleProcessCommunicator, TorchDistributedCommunicator, torch_communicator
 from .fp8_linear import Fp8BlockWeights, ReferenceFp8BlockLinear
 from .linear import UnquantizedLinear
@@ -24,6 +24,7 @@ __all__ = [
     "torch_communicator",
     "UnquantizedLinear",
     "select_experts",
+    "write_cache",
 ]
 
 

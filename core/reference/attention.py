@@ -36,7 +36,8 @@ class _DecodePlan:
     valid: torch.Tensor  # [B, L] bool
 
 
-def _write(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
+def write_cache(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
+    """The new tokens' rows into the flat cache at slots `loc` (meta.out_cache_loc)."""
     rows = rows.to(flat.dtype)
     if flat.is_floating_point() and flat.element_size() == 1:
         # 8-bit float caches: index_copy_ has no kernel for them on every backend; bytes do.
@@ -138,7 +139,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         s = self.spec
         rank = s.kv_lora_rank
         flat = cache.view(-1, cache.shape[-1])
-        _write(flat, meta.out_cache_loc, latent)
+        write_cache(flat, meta.out_cache_loc, latent)
         cd = self._compute_dtype(q_nope.dtype)
         heads = q_nope.shape[1]
         out = q_nope.new_empty(q_nope.shape[0], heads, w_vc.shape[-1])
@@ -162,7 +163,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         s = self.spec
         rank = s.kv_lora_rank
         flat = cache.view(-1, cache.shape[-1])
-        _write(flat, meta.out_cache_loc, latent)
+        write_cache(flat, meta.out_cache_loc, latent)
         plan = self._plans.decode(meta)
         cd = self._compute_dtype(q_latent.dtype)
         q = torch.cat([q_latent, q_pe], dim=-1).to(cd)  # [B, H, D]
@@ -186,8 +187,8 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
         k_cache, v_cache = cache
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
-        _write(k_flat, meta.out_cache_loc, k)
-        _write(v_flat, meta.out_cache_loc, v)
+        write_cache(k_flat, meta.out_cache_loc, k)
+        write_cache(v_flat, meta.out_cache_loc, v)
         return k_flat, v_flat
 
     def forward_extend(self, q, k, v, cache, meta):

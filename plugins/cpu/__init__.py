@@ -41,6 +41,12 @@ def dsserve_devices() -> list[Device]:
 def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionBackend | None:
     from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention
 
+    from . import native
+    from .attention import CpuMLAAttention, unsupported
+
+    kernels = native.kernels()
+    if kernels is not None and unsupported(spec) is None:
+        return CpuMLAAttention(spec, kernels)
     if spec.kind == "mla":
         return ReferenceMLAAttention(spec)
     if spec.kind == "mha":

@@ -4,8 +4,11 @@
 namespace dsserve_cpu {
 at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                      const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t isa);
+at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
+                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks);
 }  // namespace dsserve_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
+  m.def("mla_decode", &dsserve_cpu::mla_decode, "MLA decode on the paged latent cache, split over the KV length");
 }
