@@ -1,0 +1,162 @@
+"""CPU decode and prefill of the bench model against the floors this machine sets, in one run.
+
+For each compute dtype the CPU serves (float32 always; bfloat16 where it has bf16 dot products), an
+Engine on the bench model runs: decode at batch 1 and batch 16 (prompt 32, greedy, ignore_eos) and
+the prefill of one 512-token prompt. In the same run it measures the machine's read bandwidth
+(`tensor.sum()` over 1 GiB) and its GEMM peak in that dtype (oneDNN, 2048^3), and prints each figure
+beside its floor: decode tok/s <= bandwidth / weight bytes read per token (batch 16 reads the experts
+that 16 tokens pick, expected count), prefill tok/s <= GEMM peak / (2 x active parameters). Ratios
+computed in one run survive a noisy shared machine better than absolute figures; the load average is
+printed before and after.
+
+    python benchmarks/cpu.py --threads 2 [--dtype float32 bfloat16] [--decode-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import sys
+import time
+
+import torch
+
+from dsserve.bench.bench_model import ensure_bench_model
+from dsserve.bench.common import (
+    describe_backends,
+    format_table,
+    machine_summary,
+    run_engine_batch,
+    set_threads,
+    source_version,
+)
+from dsserve.bench.one_batch import prompt_id_range
+from dsserve.core.engine import Engine
+from dsserve.core.sampling_params import SamplingParams
+from dsserve.models.layers import Embedding, RoutedExperts
+from dsserve.plugins.cpu import native
+from dsserve.plugins.cpu.device import cpu_flags
+
+GEMM_SIZE = 2048
+PREFILL_TOKENS = 512
+DECODE_PROMPT = 32
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second of `sum()` over a 1 GiB float32 tensor, best of `repeats`."""
+    x = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def gemm_peak(dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of one GEMM^3 through oneDNN on a reordered weight (the path linear layers take)."""
+    x, w = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype), torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, GEMM_SIZE)
+    torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        best = min(best, time.perf_counter() - t)
+    return 2 * GEMM_SIZE ** 3 / best
+
+
+def weight_bytes(model, batch: int) -> tuple[float, float]:
+    """(bytes of weights one decode step of `batch` tokens reads, active parameters per token)."""
+    step_bytes = active = 0.0
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, Embedding):
+            continue  # one row per token
+        size, count = p.numel() * p.element_size(), p.numel()
+        if isinstance(owner, RoutedExperts) and name.rpartition(".")[2] in ("w13", "w2"):
+            # the experts that `batch` tokens pick at least once, if the router picks uniformly
+            e, k = owner.spec.num_experts, owner.spec.top_k
+            size *= (1 - (1 - k / e) ** batch)
+            count *= k / e
+        step_bytes += size
+        active += count
+    return step_bytes, active
+
+
+def measure(dtype: str, threads: int, decode_tokens: int) -> dict:
+    """One dtype's figures. Runs in a process of its own, and measures the engine before the GEMM:
+    torch ops on this thread before the engine starts would start a second OpenMP team that competes
+    with the engine thread's (about half the decode speed)."""
+    set_threads(threads)
+    path = ensure_bench_model(log=lambda m: print(m, file=sys.stderr))
+    results = {}
+    with Engine(model_path=str(path), dtype=dtype, max_total_tokens=16384) as engine:
+        low, high = prompt_id_range(engine)
+        rng = random.Random(0)
+        print(f"[{dtype}] backends: {describe_backends(engine)}", file=sys.stderr)
+
+        def run(batch: int, prompt: int, out: int):
+            prompts = [[rng.randrange(low, high) for _ in range(prompt)] for _ in range(batch)]
+            params = [SamplingParams(max_new_tokens=out, temperature=0, ignore_eos=True) for _ in range(batch)]
+            engine.flush_cache()
+            return run_engine_batch(engine, prompts, params)
+
+        for batch in (1, 16):
+            run(batch, DECODE_PROMPT, 4)  # warm-up
+            results[batch] = run(batch, DECODE_PROMPT, decode_tokens).decode_tokens_per_s()
+        run(1, PREFILL_TOKENS, 1)  # warm-up
+        timing = run(1, PREFILL_TOKENS, 1)
+        results["prefill"] = PREFILL_TOKENS / (timing.step_times()[0] - timing.submitted)
+        steps = {batch: weight_bytes(engine.runner.model, batch) for batch in (1, 16)}
+        compute_dtype = engine.runner.dtype
+    return {"results": results, "steps": steps, "peak": gemm_peak(compute_dtype)}
+
+
+def rows_for(dtype: str, measured: dict, bandwidth: float) -> list[list]:
+    results, steps = measured["results"], measured["steps"]
+    rows = []
+    for batch in (1, 16):
+        step_bytes = steps[batch][0]
+        floor = batch * bandwidth / step_bytes
+        rows.append([dtype, f"decode batch {batch}", results[batch], floor, results[batch] / floor,
+                     f"{step_bytes / 1e6:.0f} MB of weights a step at {bandwidth / 1e9:.1f} GB/s"])
+    active, peak = steps[1][1], measured["peak"]
+    ceiling = peak / (2 * active)
+    rows.append([dtype, f"prefill {PREFILL_TOKENS}", results["prefill"], ceiling, results["prefill"] / ceiling,
+                 f"{active / 1e6:.0f} M active params at {peak / 1e9:.0f} GFLOP/s"])
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per usable core)")
+    parser.add_argument("--dtype", nargs="+", default=None,
+                        help="float32 and/or bfloat16 (default: both where the CPU has bf16 units)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode measurement")
+    ns = parser.parse_args()
+    threads = set_threads(ns.threads)
+    flags = cpu_flags()
+    has_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    dtypes = ns.dtype or (["float32", "bfloat16"] if has_bf16 else ["float32"])
+    isa = native.isa()
+    load_before = os.getloadavg()
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        measured = {dtype: pool.apply(measure, (dtype, threads, ns.decode_tokens)) for dtype in dtypes}
+    # the machine's bandwidth, here, where no engine runs: before the floors, the best of two rounds
+    bandwidth = max(read_bandwidth(), read_bandwidth())
+    rows = [row for dtype in dtypes for row in rows_for(dtype, measured[dtype], bandwidth)]
+    load_after = os.getloadavg()
+    m = machine_summary()
+    shown = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "avx_vnni", "fma")))
+    print(format_table(
+        ["dtype", "measure", "tok/s", "floor tok/s", "of floor", "floor from"], rows,
+        title=(f"dsserve CPU benchmark: bench model, {threads} threads; {source_version()}\n"
+               f"{m['cpu']}, {m['cpus']} CPUs; kernels: {isa.name if isa else 'none'}; flags: {' '.join(shown)}\n"
+               f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
