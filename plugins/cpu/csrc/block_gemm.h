@@ -49,6 +49,33 @@ __attribute__((target("avx512f,avx512bf16"))) void block_bf16_dpbf16(
   for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
 }
 
+// Two blocks (w0, w1: 32 columns) against the same rows: each broadcast of x feeds two dot
+// products, which is what bounds the one-block kernel once the rows outnumber a few.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bf16"))) void block2_bf16_dpbf16(
+    const at::BFloat16* x, int64_t ldx, const at::BFloat16* w0, const at::BFloat16* w1, int64_t K, float* out0,
+    float* out1, int64_t ldo, bool accumulate) {
+  __m512 acc0[ROWS], acc1[ROWS];
+  const int32_t* xp[ROWS];
+  for (int m = 0; m < ROWS; ++m) {
+    acc0[m] = accumulate ? _mm512_loadu_ps(out0 + m * ldo) : _mm512_setzero_ps();
+    acc1[m] = accumulate ? _mm512_loadu_ps(out1 + m * ldo) : _mm512_setzero_ps();
+    xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);
+  }
+  for (int64_t kk = 0; kk < K / 2; ++kk) {
+    const __m512i wv0 = _mm512_loadu_si512(w0 + kk * 32), wv1 = _mm512_loadu_si512(w1 + kk * 32);
+    for (int m = 0; m < ROWS; ++m) {
+      const __m512i xv = _mm512_set1_epi32(xp[m][kk]);
+      acc0[m] = _mm512_dpbf16_ps(acc0[m], (__m512bh)xv, (__m512bh)wv0);
+      acc1[m] = _mm512_dpbf16_ps(acc1[m], (__m512bh)xv, (__m512bh)wv1);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    _mm512_storeu_ps(out0 + m * ldo, acc0[m]);
+    _mm512_storeu_ps(out1 + m * ldo, acc1[m]);
+  }
+}
+
 // AVX-512 without the BF16 extension: widen each pair to float32 (a bf16 is the high half of a float).
 template <int ROWS>
 __attribute__((target("avx512f"))) void block_bf16_avx512(
@@ -181,6 +208,37 @@ inline void block_gemm(Isa isa, int64_t rows, const T* x, int64_t ldx, const T* 
                               /*accumulate=*/k0 > 0);
     }
   }
+}
+
+template <int ROWS>
+inline void block2_tile(int rows, const at::BFloat16* x, int64_t ldx, const at::BFloat16* w0,
+                        const at::BFloat16* w1, int64_t K, float* out0, float* out1, int64_t ldo, bool accumulate) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return block2_tile<ROWS - 1>(rows, x, ldx, w0, w1, K, out0, out1, ldo, accumulate);
+  }
+  block2_bf16_dpbf16<ROWS>(x, ldx, w0, w1, K, out0, out1, ldo, accumulate);
+}
+
+// block_gemm for two blocks of weights against the same rows (gate and up of an expert, say); one
+// pass over x where the CPU has AVX-512-BF16, two block_gemm calls elsewhere.
+template <typename T>
+inline void block_gemm2(Isa isa, int64_t rows, const T* x, int64_t ldx, const T* w0, const T* w1, int64_t K,
+                        float* out0, float* out1, int64_t ldo) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (isa == kAvx512Bf16) {
+      for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+        const int64_t kc = std::min(kChunkK, K - k0);
+        for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+          const int n = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+          block2_tile<kMaxRows>(n, x + m0 * ldx + k0, ldx, w0 + k0 * kBlockN, w1 + k0 * kBlockN, kc,
+                                out0 + m0 * ldo, out1 + m0 * ldo, ldo, k0 > 0);
+        }
+      }
+      return;
+    }
+  }
+  block_gemm<T>(isa, rows, x, ldx, w0, K, out0, ldo);
+  block_gemm<T>(isa, rows, x, ldx, w1, K, out1, ldo);
 }
 
 }  // namespace dsserve_cpu

@@ -73,10 +73,9 @@ at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const
       for (int64_t e = 0; e < E; ++e) {
         const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
         if (rows == 0) continue;
-        block_gemm<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + b) * w13_block, D, gate.data(),
-                      kBlockN);
-        block_gemm<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block, D,
-                      up.data(), kBlockN);
+        block_gemm2<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + b) * w13_block,
+                       w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block, D, gate.data(), up.data(),
+                       kBlockN);
         for (int64_t m = 0; m < rows; ++m)
           for (int j = 0; j < kBlockN; ++j)
             a[(p + m) * I + b * kBlockN + j] = static_cast<T>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
