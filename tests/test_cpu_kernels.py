@@ -138,3 +138,33 @@ def test_mla_decode_matches_the_reference(dtype, lens, page_size, chunks):
     err = float((got.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
     assert got.shape == want.shape and got.dtype == dtype
     assert err < BOUNDS[dtype], f"normalised error {err:.1e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [
+    (1, 48, 64, False), (9, 32, 600, True), (37, 80, 34, False), (0, 16, 16, True),
+])
+def test_packed_linear_matches_the_reference(isa, dtype, rows, out_features, in_features, bias):
+    """An odd count of 16-column blocks (the last pair has one), K past one 256-wide chunk, a bias."""
+    from dsserve.core.backends import LinearSpec
+    from dsserve.plugins.cpu.linear import CpuPackedLinear
+
+    gen = torch.Generator().manual_seed(rows + in_features)
+    spec = LinearSpec(in_features, out_features, bias, dtype)
+    method = CpuPackedLinear(spec, native.kernels(), isa)
+    params = {"weight": (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).to(dtype)}
+    if bias:
+        params["bias"] = torch.randn(out_features, generator=gen).to(dtype)
+    plain = dict(params)
+    params = method.process_weights_after_loading(params)
+    assert torch.equal(method.dequantized_weight(params), plain["weight"])
+    x = torch.randn(2, rows, in_features, generator=gen).to(dtype)
+    got = method.apply(params, x)
+    want = torch.nn.functional.linear(x.double(), plain["weight"].double(),
+                                      plain["bias"].double() if bias else None)
+    assert got.shape == (2, rows, out_features) and got.dtype == dtype
+    if rows:
+        err = float((got.double() - want).pow(2).sum() / want.pow(2).sum())
+        assert err < {torch.float32: 1e-10, torch.bfloat16: 1e-4}[dtype], f"normalised error {err:.1e}"

@@ -3,7 +3,8 @@
 Provides the `cpu` device (threads from the cores this process may use, float32 or bfloat16 by the
 CPU's bf16 units, memory from /proc/meminfo) and answers every backend hook for it.
 
-Linear layers run through oneDNN on weights reordered once at load (`onednn.py`). Routed experts run
+Linear layers run through the C++ block GEMM on weights packed at load (`linear.py`), or through
+oneDNN on weights reordered once at load (`onednn.py`) on CPUs with AMX. Routed experts run
 through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
 at load, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
 on first use); where it cannot be built, or for a spec it does not serve, the reference does.
@@ -73,8 +74,13 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
     if spec.quant != "none":
         return None
-    from . import onednn
+    from . import native, onednn
+    from .device import cpu_flags
+    from .linear import CpuPackedLinear, preferred
 
+    kernels = native.kernels()
+    if kernels is not None and preferred(spec, cpu_flags()):
+        return CpuPackedLinear(spec, kernels, native.isa())
     if onednn.available() and spec.dtype in onednn.DTYPES:
         return onednn.OneDnnLinear(spec)
     from dsserve.core.reference import UnquantizedLinear
