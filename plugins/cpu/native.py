@@ -57,6 +57,7 @@ def kernels():
     if isa() is None:
         log.info("cpu: no AVX2/FMA on this CPU: the torch reference serves the ops of the C++ kernels")
         return None
+    log.info("cpu: loading the C++ kernels (%s; built on first use, about a minute on 2 cores)", build_name())
     try:
         from torch.utils import cpp_extension
 
