@@ -3,8 +3,8 @@
 One build serves every x86 CPU: each kernel is compiled for AVX2, AVX-512 and AVX-512-BF16 with
 per-function target attributes, and the caller passes the ISA to use (`isa()`: the best this CPU
 has). The build goes to torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else
-~/.cache/torch_extensions) under a name that hashes the sources and the torch version, so a changed
-source or torch rebuilds and an unchanged one loads in a second. Where no compiler is present (or the
+~/.cache/torch_extensions) under a name that hashes the sources, their folder and the torch version,
+so a changed source or torch rebuilds and an unchanged one loads in a second. Where no compiler is present (or the
 build fails) `kernels()` is None, one log line says why, and the torch reference serves those ops.
 """
 from __future__ import annotations
@@ -45,7 +45,9 @@ def isa(flags: frozenset[str] | None = None) -> Isa | None:
 
 
 def build_name() -> str:
-    digest = hashlib.sha256(torch.__version__.encode())
+    # the folder too: the build's ninja file names the sources by path, so two checkouts sharing one
+    # name would rebuild each other's copy in turn
+    digest = hashlib.sha256(torch.__version__.encode() + str(CSRC).encode())
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     return f"dsserve_cpu_kernels_{digest.hexdigest()[:12]}"
