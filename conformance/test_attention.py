@@ -107,7 +107,8 @@ def call(backend, spec: AttentionSpec, mode: str, t: dict[str, torch.Tensor], ca
     backend.prepare(meta)
     if spec.kind == "mla":
         if mode == "extend":
-            return backend.forward_extend(t["q_nope"], t["q_pe"], t["latent"], cache, meta, t["w_kc"], t["w_vc"])
+            w_kc, w_vc = backend.process_weights_after_loading(t["w_kc"], t["w_vc"])
+            return backend.forward_extend(t["q_nope"], t["q_pe"], t["latent"], cache, meta, w_kc, w_vc)
         return backend.forward_decode(t["q_latent"], t["q_pe"], t["latent"], cache, meta)
     fwd = backend.forward_extend if mode == "extend" else backend.forward_decode
     return fwd(t["q"], t["k"], t["v"], cache, meta)

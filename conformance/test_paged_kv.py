@@ -104,8 +104,8 @@ class Sequences:
                 out = backend.forward_decode(take(self.q_latent), take(self.q_pe), latent, cache, meta)
                 out = torch.einsum("thr,hrv->thv", out.to(HOST, ORACLE_DTYPE), self.w_vc)
             else:
-                out = backend.forward_extend(take(self.q_nope), take(self.q_pe), latent, cache, meta,
-                                             self.w_kc.to(dev, dt), self.w_vc.to(dev, dt))
+                w_kc, w_vc = backend.process_weights_after_loading(self.w_kc.to(dev, dt), self.w_vc.to(dev, dt))
+                out = backend.forward_extend(take(self.q_nope), take(self.q_pe), latent, cache, meta, w_kc, w_vc)
         else:
             fwd = backend.forward_decode if meta.is_decode else backend.forward_extend
             out = fwd(take(self.q), take(self.k), take(self.v), cache, meta)

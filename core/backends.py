@@ -131,7 +131,26 @@ class AttentionBackend(ABC):
 
 
 class MLAAttentionBackend(AttentionBackend):
-    """Multi-head latent attention. Queries arrive with RoPE applied to their rope part."""
+    """Multi-head latent attention. Queries arrive with RoPE applied to their rope part.
+
+    Decode works in latent space: the model asks `absorb_query` for q_latent, `forward_decode` for
+    the attention-weighted latent, and `expand_output` for the heads' values. `w_kc`/`w_vc` reach
+    every method as `process_weights_after_loading` returned them (as loaded, by default).
+    """
+
+    def process_weights_after_loading(self, w_kc: torch.Tensor, w_vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called once per layer with kv_b_proj's halves, w_kc [H, qk_nope_head_dim, kv_lora_rank] and
+        w_vc [H, kv_lora_rank, v_head_dim]; returns them in the layout this backend's methods want.
+        Default: unchanged."""
+        return w_kc, w_vc
+
+    def absorb_query(self, q_nope: torch.Tensor, w_kc: torch.Tensor) -> torch.Tensor:
+        """q_latent [B, H, kv_lora_rank] = q_nope [B, H, qk_nope_head_dim] @ w_kc per head."""
+        return torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1)
+
+    def expand_output(self, o_latent: torch.Tensor, w_vc: torch.Tensor) -> torch.Tensor:
+        """[B, H, v_head_dim] = o_latent [B, H, kv_lora_rank] @ w_vc per head."""
+        return torch.bmm(o_latent.transpose(0, 1), w_vc).transpose(0, 1)
 
     @abstractmethod
     def forward_extend(
@@ -148,8 +167,9 @@ class MLAAttentionBackend(AttentionBackend):
 
         q_nope [T, H, qk_nope_head_dim], q_pe [T, H, qk_rope_head_dim];
         latent [T, kv_lora_rank + qk_rope_head_dim], the new tokens' cache entries;
-        w_kc [H, qk_nope_head_dim, kv_lora_rank] and w_vc [H, kv_lora_rank, v_head_dim], the halves
-        of kv_b_proj (k_nope = latent_c @ w_kc^T per head, v = latent_c @ w_vc).
+        w_kc [H, qk_nope_head_dim, kv_lora_rank] and w_vc [H, kv_lora_rank, v_head_dim] as loaded, the
+        halves of kv_b_proj (k_nope = latent_c @ w_kc^T per head, v = latent_c @ w_vc), in the layout
+        `process_weights_after_loading` returned.
         Returns [T, H, v_head_dim].
         """
 
@@ -164,9 +184,9 @@ class MLAAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """One new token per sequence, attending in latent space with the absorbed query.
 
-        q_latent [B, H, kv_lora_rank] (q_nope already multiplied by w_kc), q_pe [B, H, qk_rope_head_dim],
+        q_latent [B, H, kv_lora_rank] (`absorb_query`'s), q_pe [B, H, qk_rope_head_dim],
         latent [B, kv_lora_rank + qk_rope_head_dim]. Scores are `q_latent . c + q_pe . k_pe` times
-        `spec.scale`. Returns the attention-weighted latent [B, H, kv_lora_rank]; the model applies w_vc.
+        `spec.scale`. Returns the attention-weighted latent [B, H, kv_lora_rank] (`expand_output` takes it).
         """
 
 

@@ -68,8 +68,9 @@ class MLAttention(CheckpointModule):
         # it is rounded once, to the compute dtype.
         w = self.kv_b_proj.method.dequantized_weight(dict(self.kv_b_proj.params))
         w = w.to(self.ctx.dtype).reshape(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
-        self.w_kc = w[:, : self.nope].contiguous()                       # [H, nope, L]
-        self.w_vc = w[:, self.nope:].transpose(1, 2).contiguous()        # [H, L, v]
+        self.w_kc, self.w_vc = self.backend.process_weights_after_loading(
+            w[:, : self.nope].contiguous(),                              # [H, nope, L]
+            w[:, self.nope:].transpose(1, 2).contiguous())               # [H, L, v]
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -81,9 +82,9 @@ class MLAttention(CheckpointModule):
         c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c), self.rope(k_pe, meta.positions)], dim=-1)
         if meta.is_decode:
-            q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1)       # [B, H, L]
+            q_latent = self.backend.absorb_query(q_nope, self.w_kc)                       # [B, H, L]
             o = self.backend.forward_decode(q_latent, q_pe, latent, cache, meta)
-            o = torch.bmm(o.transpose(0, 1), self.w_vc).transpose(0, 1)                 # [B, H, v]
+            o = self.backend.expand_output(o, self.w_vc)                                # [B, H, v]
         else:
             o = self.backend.forward_extend(q_nope, q_pe, latent, cache, meta, self.w_kc, self.w_vc)
         return self.o_proj(o.reshape(T, self.heads * self.v_dim))

@@ -168,3 +168,32 @@ def test_packed_linear_matches_the_reference(isa, dtype, rows, out_features, in_
     if rows:
         err = float((got.double() - want).pow(2).sum() / want.pow(2).sum())
         assert err < {torch.float32: 1e-10, torch.bfloat16: 1e-4}[dtype], f"normalised error {err:.1e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_mla_absorption_matches_bmm(isa, dtype, batch):
+    """absorb_query / expand_output on the packed per-head weights equal the contract's default
+    (torch.bmm), and extend gets the weights back unpacked."""
+    from dsserve.core.backends import AttentionSpec, MLAAttentionBackend
+    from dsserve.plugins.cpu.attention import CpuMLAAttention
+
+    gen = torch.Generator().manual_seed(batch)
+    heads, nope, rope, rank, v = 3, 32, 16, 64, 48
+    spec = AttentionSpec(kind="mla", num_heads=heads, num_kv_heads=1, head_dim=nope + rope, v_head_dim=v,
+                         scale=0.2, dtype=dtype, kv_lora_rank=rank, qk_rope_head_dim=rope)
+    backend = CpuMLAAttention(spec, native.kernels(), isa)
+    w_kc = torch.randn(heads, nope, rank, generator=gen).to(dtype)
+    w_vc = torch.randn(heads, rank, v, generator=gen).to(dtype)
+    p_kc, p_vc = backend.process_weights_after_loading(w_kc, w_vc)
+    q_nope = torch.randn(batch, heads, nope, generator=gen).to(dtype)
+    o_latent = torch.randn(batch, heads, rank, generator=gen).to(dtype)
+    for got, want in ((backend.absorb_query(q_nope, p_kc),
+                       MLAAttentionBackend.absorb_query(backend, q_nope.double(), w_kc.double())),
+                      (backend.expand_output(o_latent, p_vc),
+                       MLAAttentionBackend.expand_output(backend, o_latent.double(), w_vc.double()))):
+        assert got.dtype == dtype
+        err = float((got.double() - want).pow(2).sum() / want.pow(2).sum())
+        assert err < {torch.float32: 1e-10, torch.bfloat16: 1e-4}[dtype], f"normalised error {err:.1e}"

@@ -259,9 +259,7 @@ def test_absorbed_mla_weights_are_the_dequantised_kv_b_proj(engine, ckpt):
     one-hot row quantizes exactly (448 is an e4m3 value)."""
     deq = ckpt[2]
     attn = engine.runner.model.layers[2].self_attn
-    w = deq["model.layers.2.self_attn.kv_b_proj.weight"].view(2, 128, 128)
-    assert torch.equal(attn.w_kc, w[:, :64])
-    assert torch.equal(attn.w_vc, w[:, 64:].transpose(1, 2))
+    _assert_absorbed(attn, deq["model.layers.2.self_attn.kv_b_proj.weight"].view(2, 128, 128))
     eye = torch.eye(128)
     via_identity = attn.kv_b_proj.method.apply(dict(attn.kv_b_proj.params), eye).T
     assert torch.equal(via_identity, attn.kv_b_proj.method.dequantized_weight(dict(attn.kv_b_proj.params)))
@@ -393,6 +391,14 @@ def test_malformed_weight_block_size_is_refused(ckpt, tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # tensor-parallel shards and other devices' methods
+
+
+def _assert_absorbed(attn, w: torch.Tensor) -> None:
+    """attn's w_kc / w_vc are kv_b_proj's halves (w [H, nope + v, L]) in the layout its attention
+    backend keeps them (packed per head on cpu)."""
+    want_kc, want_vc = attn.backend.process_weights_after_loading(
+        w[:, :64].contiguous(), w[:, 64:].transpose(1, 2).contiguous())
+    assert torch.equal(attn.w_kc, want_kc) and torch.equal(attn.w_vc, want_vc)
 
 
 def _stored_experts(m) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,7 +539,6 @@ def test_rocm_fnuz_conversion_runs_after_loading(ckpt):
         assert torch.equal(q_a.method.dequantized_weight(dict(q_a.params)),
                            ckpt[2]["model.layers.0.self_attn.q_a_proj.weight"])
         attn = model.layers[1].self_attn
-        w = ckpt[2]["model.layers.1.self_attn.kv_b_proj.weight"].view(2, 128, 128)
-        assert torch.equal(attn.w_kc, w[:, :64]) and torch.equal(attn.w_vc, w[:, 64:].transpose(1, 2))
+        _assert_absorbed(attn, ckpt[2]["model.layers.1.self_attn.kv_b_proj.weight"].view(2, 128, 128))
     finally:
         eng.shutdown()

@@ -47,7 +47,7 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 
     kernels = native.kernels()
     if kernels is not None and unsupported(spec) is None:
-        return CpuMLAAttention(spec, kernels)
+        return CpuMLAAttention(spec, kernels, native.isa())
     if spec.kind == "mla":
         return ReferenceMLAAttention(spec)
     if spec.kind == "mha":
