@@ -195,3 +195,34 @@ def test_attention(ctx, make_case, kind, mode, dtype, page_size, batch, shape):
     expect = MLAAttentionBackend if kind == "mla" else MHAAttentionBackend
     backend = case.serve(ctx, "attention_backend", expect=expect, spec=spec)
     check_attention_case(ctx, case, backend, spec, mode, batch)
+
+
+@pytest.mark.parametrize("shape", list(MLA_SHAPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_mla_absorption(ctx, make_case, shape, dtype):
+    """The decode path's per-head projections, on the weights as the backend keeps them:
+    absorb_query (q_nope @ w_kc) and expand_output (o_latent @ w_vc), against float64 bmm."""
+    case = make_case("attention", f"mla absorb/expand shape={shape} dtype={dtype}")
+    spec = make_spec("mla", shape, DTYPES[dtype], None)
+    backend = case.serve(ctx, "attention_backend", expect=MLAAttentionBackend, spec=spec)
+    dev, dt = ctx.torch_device, spec.dtype
+    case.note_dtype(dt)
+    gen = torch.Generator().manual_seed(case.seed)
+    s = MLA_SHAPES[shape]
+    tokens, H, nope, rank, v = 5, s["num_heads"], s["nope"], s["rank"], s["v"]
+
+    def rnd(*shape_, std=1.0):
+        return (torch.randn(*shape_, generator=gen, dtype=ORACLE_DTYPE) * std).to(dt).to(ORACLE_DTYPE)
+
+    w_kc, w_vc = rnd(H, nope, rank, std=nope ** -0.5), rnd(H, rank, v, std=rank ** -0.5)
+    q_nope, o_latent = rnd(tokens, H, nope), rnd(tokens, H, rank)
+    with case.calling("process_weights_after_loading"):
+        kept_kc, kept_vc = backend.process_weights_after_loading(w_kc.to(dev, dt), w_vc.to(dev, dt))
+    for what, fn, x, w, want_dim in (("absorb_query", backend.absorb_query, q_nope, kept_kc, rank),
+                                     ("expand_output", backend.expand_output, o_latent, kept_vc, v)):
+        with case.calling(what):
+            out = fn(x.to(dev, dt), w)
+        if case.check_tensor(what, out, (tokens, H, want_dim), dt, dev):
+            full = w_kc if what == "absorb_query" else w_vc
+            case.compare(what, out, torch.bmm(x.transpose(0, 1), full).transpose(0, 1), dt)
+    case.done()
