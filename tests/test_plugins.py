@@ -402,6 +402,11 @@ def test_cpu_default_dtype_follows_cpuinfo():
         assert "bfloat16" in text
     else:
         assert "no AVX512-BF16/AMX: float32" in text
+    # the start-up line says which variant of the C++ kernels serves this CPU
+    from dsserve.plugins.cpu import native
+
+    variant = native.isa()
+    assert (f"C++ kernels {variant.name} variant" if variant else "C++ kernels unused") in text
 
 
 def test_cpu_memory_info():

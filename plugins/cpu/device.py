@@ -213,7 +213,11 @@ class CpuDevice(Device):
                  "override)", cores)
 
     def describe(self) -> str:
-        text = f"cpu: {cpu_model()}, {usable_cores()} usable cores; {self.dtype_reason()}"
+        from .native import isa
+
+        kernels = isa()
+        text = (f"cpu: {cpu_model()}, {usable_cores()} usable cores; {self.dtype_reason()}; C++ kernels "
+                + (f"{kernels.name} variant (MLA decode, fused MoE, linear)" if kernels else "unused (no AVX2/FMA)"))
         ipex = ipex_status()
         if ipex is not None:
             version, matches = ipex
