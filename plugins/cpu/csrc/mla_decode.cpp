@@ -40,23 +40,31 @@ DSSERVE_CLONES void row_scores(const float* q_t, const float* row, int64_t W, fl
   for (int64_t h = 0; h < kHeads; ++h) scores[h] = s[h] * scale;
 }
 
-// acc[i] = acc[i] * keep + sum_t p[t] * rows[t][i] for i < L, a register-sized chunk of i at a time.
+// acc[i] = acc[i] * keep + sum_t p[t] * rows[t][i] for i < L, kChunkL columns at a time: a fixed
+// trip count lets the compiler hold the chunk in registers across the tokens, and always_inline
+// compiles it for the calling clone's ISA (measured: 980 -> 555 us for 16 sequences of 50 tokens).
+template <int64_t N>
+__attribute__((always_inline)) inline void accumulate_chunk(float* acc, float keep, const float* p,
+                                                         const float* rows, int64_t count, int64_t W) {
+  float a[N];
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) a[i] = acc[i] * keep;
+  for (int64_t t = 0; t < count; ++t) {
+    const float pt = p[t];
+    const float* row = rows + t * W;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) a[i] += pt * row[i];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) acc[i] = a[i];
+}
+
 DSSERVE_CLONES void block_accumulate(float* acc, float keep, const float* p, const float* rows, int64_t count,
                                      int64_t W, int64_t L) {
-  for (int64_t l0 = 0; l0 < L; l0 += kChunkL) {
-    const int64_t n = std::min(kChunkL, L - l0);
-    float a[kChunkL];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) a[i] = acc[l0 + i] * keep;
-    for (int64_t t = 0; t < count; ++t) {
-      const float pt = p[t];
-      const float* row = rows + t * W + l0;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) a[i] += pt * row[i];
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) acc[l0 + i] = a[i];
-  }
+  int64_t l0 = 0;
+  for (; l0 + kChunkL <= L; l0 += kChunkL) accumulate_chunk<kChunkL>(acc + l0, keep, p, rows + l0, count, W);
+  for (; l0 + 16 <= L; l0 += 16) accumulate_chunk<16>(acc + l0, keep, p, rows + l0, count, W);
+  for (; l0 < L; ++l0) accumulate_chunk<1>(acc + l0, keep, p, rows + l0, count, W);
 }
 
 // bfloat16 -> float32 is a 16-bit shift: written on the raw bits so that it vectorizes.
