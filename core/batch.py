@@ -30,15 +30,13 @@ class ScheduledBatch:
     requests: list[Request]
     items: list[BatchItem]
     completes: list[bool] = field(init=False)
+    sampling: list[Request] = field(init=False)  # the requests that complete, in batch order
 
     def __post_init__(self) -> None:
+        # Fixed when the batch is made: the step reads them after postprocess has advanced the requests.
         self.completes = [r.num_computed + len(it.new_token_ids) == r.num_tokens
                           for r, it in zip(self.requests, self.items)]
-
-    @property
-    def sampling(self) -> list[Request]:
-        """The requests that get a next token from this pass, in batch order."""
-        return [r for r, done in zip(self.requests, self.completes) if done]
+        self.sampling = [r for r, done in zip(self.requests, self.completes) if done]
 
     def logit_rows(self) -> list[range]:
         """The rows of the pass's logits that belong to each request, in batch order."""
