@@ -1,8 +1,10 @@
 """CPU decode and prefill of the bench model against the floors this machine sets, in one run.
 
-For each compute dtype the CPU serves (float32 always; bfloat16 where it has bf16 dot products), an
-Engine on the bench model runs: decode at batch 1 and batch 16 (prompt 32, greedy, ignore_eos) and
-the prefill of one 512-token prompt. In the same run it measures the machine's read bandwidth
+For each compute dtype the CPU serves (float32 always; bfloat16 where it has bf16 dot products), and
+for each quantized format asked for (`--quantization`: w8a8_int8 and fp8 quantized at load, awq from a
+`dsserve quantize` copy of the bench model; computed in the default dtype), an Engine on the bench
+model runs: decode at batch 1 and batch 16 (prompt 32, greedy, ignore_eos) and the prefill of one
+512-token prompt, and reports the bytes its weights hold. In the same run it measures the machine's read bandwidth
 (`tensor.sum()` over 1 GiB) and its GEMM peak in that dtype (oneDNN, 2048^3), and prints each figure
 beside its floor: decode tok/s <= bandwidth / weight bytes read per token (batch 16 reads the experts
 that 16 tokens pick, expected count), prefill tok/s <= GEMM peak / (2 x active parameters). Ratios
@@ -10,6 +12,7 @@ computed in one run survive a noisy shared machine better than absolute figures;
 printed before and after.
 
     python benchmarks/cpu.py --threads 2 [--dtype float32 bfloat16] [--decode-tokens 64]
+                             [--quantization w8a8_int8 fp8 awq] [--quantized-decode-tokens 8]
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from dsserve.bench.one_batch import prompt_id_range
 from dsserve.core.engine import Engine
 from dsserve.core.sampling_params import SamplingParams
 from dsserve.models.layers import Embedding, RoutedExperts
+from dsserve.models.quantize import quantize_checkpoint
 from dsserve.plugins.cpu import native
 from dsserve.plugins.cpu.device import cpu_flags
 
@@ -69,15 +73,18 @@ def gemm_peak(dtype: torch.dtype, repeats: int = 5) -> float:
 
 def weight_bytes(model, batch: int) -> tuple[float, float]:
     """(bytes of weights one decode step of `batch` tokens reads, active parameters per token)."""
+    experts = {id(p): m.spec for m in model.modules() if isinstance(m, RoutedExperts)
+               for n, p in m.named_parameters() if n.startswith(("w13", "w2"))}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, Embedding) for p in m.parameters()}
     step_bytes = active = 0.0
-    for name, p in model.named_parameters():
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, Embedding):
+    for p in model.parameters():
+        if id(p) in embeddings:
             continue  # one row per token
         size, count = p.numel() * p.element_size(), p.numel()
-        if isinstance(owner, RoutedExperts) and name.rpartition(".")[2] in ("w13", "w2"):
+        spec = experts.get(id(p))
+        if spec is not None:
             # the experts that `batch` tokens pick at least once, if the router picks uniformly
-            e, k = owner.spec.num_experts, owner.spec.top_k
+            e, k = spec.num_experts, spec.top_k
             size *= (1 - (1 - k / e) ** batch)
             count *= k / e
         step_bytes += size
@@ -85,17 +92,31 @@ def weight_bytes(model, batch: int) -> tuple[float, float]:
     return step_bytes, active
 
 
-def measure(dtype: str, threads: int, decode_tokens: int) -> dict:
-    """One dtype's figures. Runs in a process of its own, and measures the engine before the GEMM:
-    torch ops on this thread before the engine starts would start a second OpenMP team that competes
-    with the engine thread's (about half the decode speed)."""
-    set_threads(threads)
+def bench_checkpoint(quantization: str | None) -> str:
+    """The bench model's folder; AWQ (which dsserve does not make at load) from a cached
+    `dsserve quantize --method awq` copy."""
     path = ensure_bench_model(log=lambda m: print(m, file=sys.stderr))
+    if quantization != "awq":
+        return str(path)
+    awq = path.parent / f"{path.name}-awq"
+    if not (awq / "config.json").exists():
+        print(f"writing {awq} (dsserve quantize --method awq)", file=sys.stderr)
+        quantize_checkpoint(path, awq, "awq")
+    return str(awq)
+
+
+def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: int) -> dict:
+    """One configuration's figures. Runs in a process of its own, and measures the engine before the
+    GEMM: torch ops on this thread before the engine starts would start a second OpenMP team that
+    competes with the engine thread's (about half the decode speed)."""
+    set_threads(threads)
+    path = bench_checkpoint(quantization)
     results = {}
-    with Engine(model_path=str(path), dtype=dtype, max_total_tokens=16384) as engine:
+    flag = None if quantization == "awq" else quantization  # awq: the checkpoint says so
+    with Engine(model_path=path, dtype=dtype, quantization=flag, max_total_tokens=16384) as engine:
         low, high = prompt_id_range(engine)
         rng = random.Random(0)
-        print(f"[{dtype}] backends: {describe_backends(engine)}", file=sys.stderr)
+        print(f"[{quantization or dtype}] backends: {describe_backends(engine)}", file=sys.stderr)
 
         def run(batch: int, prompt: int, out: int):
             prompts = [[rng.randrange(low, high) for _ in range(prompt)] for _ in range(batch)]
@@ -104,28 +125,31 @@ def measure(dtype: str, threads: int, decode_tokens: int) -> dict:
             return run_engine_batch(engine, prompts, params)
 
         for batch in (1, 16):
-            run(batch, DECODE_PROMPT, 4)  # warm-up
+            run(batch, DECODE_PROMPT, 2)  # warm-up
             results[batch] = run(batch, DECODE_PROMPT, decode_tokens).decode_tokens_per_s()
         run(1, PREFILL_TOKENS, 1)  # warm-up
         timing = run(1, PREFILL_TOKENS, 1)
         results["prefill"] = PREFILL_TOKENS / (timing.step_times()[0] - timing.submitted)
-        steps = {batch: weight_bytes(engine.runner.model, batch) for batch in (1, 16)}
+        model = engine.runner.model
+        steps = {batch: weight_bytes(model, batch) for batch in (1, 16)}
+        resident = sum(p.numel() * p.element_size() for p in model.parameters())
         compute_dtype = engine.runner.dtype
-    return {"results": results, "steps": steps, "peak": gemm_peak(compute_dtype)}
+    return {"results": results, "steps": steps, "resident": resident, "peak": gemm_peak(compute_dtype)}
 
 
-def rows_for(dtype: str, measured: dict, bandwidth: float) -> list[list]:
+def rows_for(label: str, measured: dict, bandwidth: float) -> list[list]:
     results, steps = measured["results"], measured["steps"]
+    resident = f"{measured['resident'] / 2**30:.2f}"
     rows = []
     for batch in (1, 16):
         step_bytes = steps[batch][0]
         floor = batch * bandwidth / step_bytes
-        rows.append([dtype, f"decode batch {batch}", results[batch], floor, results[batch] / floor,
+        rows.append([label, resident, f"decode batch {batch}", results[batch], floor, results[batch] / floor,
                      f"{step_bytes / 1e6:.0f} MB of weights a step at {bandwidth / 1e9:.1f} GB/s"])
     active, peak = steps[1][1], measured["peak"]
     ceiling = peak / (2 * active)
-    rows.append([dtype, f"prefill {PREFILL_TOKENS}", results["prefill"], ceiling, results["prefill"] / ceiling,
-                 f"{active / 1e6:.0f} M active params at {peak / 1e9:.0f} GFLOP/s"])
+    rows.append([label, resident, f"prefill {PREFILL_TOKENS}", results["prefill"], ceiling,
+                 results["prefill"] / ceiling, f"{active / 1e6:.0f} M active params at {peak / 1e9:.0f} GFLOP/s"])
     return rows
 
 
@@ -135,23 +159,31 @@ def main() -> int:
     parser.add_argument("--dtype", nargs="+", default=None,
                         help="float32 and/or bfloat16 (default: both where the CPU has bf16 units)")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode measurement")
+    parser.add_argument("--quantization", nargs="*", default=[], choices=["w8a8_int8", "fp8", "awq"],
+                        help="quantized formats to measure too, in the default dtype")
+    parser.add_argument("--quantized-decode-tokens", type=int, default=8,
+                        help="tokens per decode measurement of a quantized format (their reference paths are slow)")
     ns = parser.parse_args()
     threads = set_threads(ns.threads)
     flags = cpu_flags()
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
     dtypes = ns.dtype or (["float32", "bfloat16"] if has_bf16 else ["float32"])
+    default = "bfloat16" if has_bf16 else "float32"
+    configs = [(dtype, dtype, None, ns.decode_tokens) for dtype in dtypes]
+    configs += [(f"{q} ({default})", default, q, ns.quantized_decode_tokens) for q in ns.quantization]
     isa = native.isa()
     load_before = os.getloadavg()
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        measured = {dtype: pool.apply(measure, (dtype, threads, ns.decode_tokens)) for dtype in dtypes}
+        measured = {label: pool.apply(measure, (dtype, quantization, threads, tokens))
+                    for label, dtype, quantization, tokens in configs}
     # the machine's bandwidth, here, where no engine runs: before the floors, the best of two rounds
     bandwidth = max(read_bandwidth(), read_bandwidth())
-    rows = [row for dtype in dtypes for row in rows_for(dtype, measured[dtype], bandwidth)]
+    rows = [row for label in measured for row in rows_for(label, measured[label], bandwidth)]
     load_after = os.getloadavg()
     m = machine_summary()
     shown = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "avx_vnni", "fma")))
     print(format_table(
-        ["dtype", "measure", "tok/s", "floor tok/s", "of floor", "floor from"], rows,
+        ["weights", "GiB", "measure", "tok/s", "floor tok/s", "of floor", "floor from"], rows,
         title=(f"dsserve CPU benchmark: bench model, {threads} threads; {source_version()}\n"
                f"{m['cpu']}, {m['cpus']} CPUs; kernels: {isa.name if isa else 'none'}; flags: {' '.join(shown)}\n"
                f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")))

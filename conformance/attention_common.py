@@ -44,17 +44,27 @@ MHA_SHAPES = {
 # The softmax scale is not head_dim ** -0.5 (as with YaRN's mscale): a backend must use spec.scale.
 SCALE_FACTOR = 1.3
 
+# 8-bit caches (`--kv-cache-dtype fp8_e4m3`): the cache in e4m3, the queries in each of these dtypes,
+# on the last page size (every batch with kv_scale 1, the first batch with FP8_KV_SCALE too).
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+FP8_QUERY_DTYPES = ("float32", "bfloat16")
+# A per-tensor scale a backend must apply. A power of two, so that dividing a query-dtype value by it
+# is exact and every correct write stores the same e4m3 bits as the reference's `to_cache`.
+FP8_KV_SCALE = 0.5
 
-def make_spec(kind: str, shape: str, dtype: torch.dtype, page_size: int) -> AttentionSpec:
+
+def make_spec(kind: str, shape: str, dtype: torch.dtype, page_size: int, kv_scale: float = 1.0) -> AttentionSpec:
+    """`dtype` is the cache's (the queries' too, unless it is an 8-bit cache)."""
     if kind == "mla":
         s = MLA_SHAPES[shape]
         qk = s["nope"] + s["rope"]
         return AttentionSpec(kind="mla", num_heads=s["num_heads"], num_kv_heads=1, head_dim=qk,
                              v_head_dim=s["v"], scale=SCALE_FACTOR * qk ** -0.5, dtype=dtype,
-                             page_size=page_size, kv_lora_rank=s["rank"], qk_rope_head_dim=s["rope"])
+                             page_size=page_size, kv_lora_rank=s["rank"], qk_rope_head_dim=s["rope"],
+                             kv_scale=kv_scale)
     s = MHA_SHAPES[shape]
     return AttentionSpec(kind="mha", scale=SCALE_FACTOR * s["head_dim"] ** -0.5, dtype=dtype,
-                         page_size=page_size, **s)
+                         page_size=page_size, kv_scale=kv_scale, **s)
 
 
 def cache_shapes(spec: AttentionSpec, num_pages: int) -> list[tuple[int, ...]]:

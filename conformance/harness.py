@@ -338,6 +338,11 @@ class Guarded:
             case.fail(f"modified its input '{self.name}' ({inside} elements)")
 
 
+def is_byte_float(dtype: torch.dtype) -> bool:
+    """An 8-bit float format (an fp8 KV cache's)."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def changed_elements(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Element-wise 'differs', bit for bit (a NaN written over a NaN still counts as equal)."""
     if a.is_floating_point():
@@ -403,12 +408,20 @@ class PagedLayout:
         return pages * self.page_size + pos % self.page_size
 
     def fill(self, flat: torch.Tensor, context: list[torch.Tensor]) -> None:
-        """flat [slots, ...]: SENTINEL everywhere, then each sequence's cached prefix rows."""
-        flat.fill_(SENTINEL)
-        for i, rows in enumerate(context):
+        """flat [slots, ...]: SENTINEL everywhere, then each sequence's cached prefix rows (converted
+        to flat's dtype: an 8-bit float cache is given the rows as it stores them)."""
+        rows_of = [rows.to(flat.device, flat.dtype) for rows in context]
+        if is_byte_float(flat.dtype):
+            # fill_ and index_put have no float8 kernel on every device; bytes have
+            sentinel = int(torch.tensor(SENTINEL).to(flat.dtype).view(torch.uint8))
+            flat, rows_of = flat.view(torch.uint8), [r.view(torch.uint8) for r in rows_of]
+            flat.fill_(sentinel)
+        else:
+            flat.fill_(SENTINEL)
+        for i, rows in enumerate(rows_of):
             p = self.prefix_lens[i]
             if p:
-                flat[self.slots(i, 0, p).to(flat.device)] = rows[:p].to(flat.device, flat.dtype)
+                flat[self.slots(i, 0, p).to(flat.device)] = rows[:p]
 
     def describe_slot(self, slot: int) -> str:
         page, offset = divmod(slot, self.page_size)
@@ -424,7 +437,8 @@ class PagedLayout:
 
     def check_writes(self, case: Case, what: str, flat_after: torch.Tensor, flat_before: torch.Tensor,
                      loc: torch.Tensor, new_rows: torch.Tensor) -> None:
-        """Exactly the new tokens' slots changed, and they hold the new rows (in the cache dtype)."""
+        """Exactly the new tokens' slots changed, and they hold the new rows (as the cache stores
+        them: `new_rows` converted to its dtype, bit for bit)."""
         changed = changed_elements(flat_after, flat_before).reshape(flat_after.shape[0], -1).any(dim=1).to(HOST)
         loc_h = loc.to(HOST)
         expected = torch.zeros_like(changed)
@@ -435,6 +449,8 @@ class PagedLayout:
             case.fail(f"wrote {what} outside the new tokens' slots: {len(stray)} slots changed, "
                       f"first {where}")
         want = new_rows.to(flat_after.device, flat_after.dtype).reshape(loc_h.numel(), -1)
+        if is_byte_float(flat_after.dtype):  # compared bit for bit anyway; index_select may lack float8
+            want, flat_after = want.view(torch.uint8), flat_after.view(torch.uint8)
         got = flat_after.index_select(0, loc.to(flat_after.device)).reshape(loc_h.numel(), -1)
         wrong = changed_elements(got, want).any(dim=1).nonzero().flatten().tolist()
         if wrong:

@@ -4,6 +4,12 @@ Every case lays the sequences out in a paged cache whose unused pages and slots 
 (`harness.PagedLayout`), hands the backend its inputs inside guarded buffers, and checks: the output
 (shape, dtype, finite, normalised error), that exactly the new tokens' slots of the cache changed and
 hold the new tokens' KV, and that no input, margin or metadata tensor was written.
+
+The 8-bit cache cases (an e4m3 cache with float32 or bfloat16 queries, `--kv-cache-dtype fp8_e4m3`)
+run where the device's backend accepts such a spec: the cache holds the context rounded to e4m3, the
+new tokens' rows must be stored as the reference's `to_cache` stores them (divided by kv_scale,
+rounded to nearest even, bit for bit), and the output is compared with the float64 reference over
+the dequantised cache.
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ import torch
 from dsserve.conformance.attention_common import (
     DECODE_BATCHES,
     EXTEND_BATCHES,
+    FP8_CACHE_DTYPE,
+    FP8_KV_SCALE,
+    FP8_QUERY_DTYPES,
     MHA_SHAPES,
     MLA_SHAPES,
     PAGE_SIZES,
@@ -32,6 +41,7 @@ from dsserve.conformance.harness import (
     Guarded,
     PagedLayout,
     check_meta,
+    dtype_name,
     snapshot_meta,
 )
 from dsserve.core.backends import (
@@ -39,7 +49,7 @@ from dsserve.core.backends import (
     MHAAttentionBackend,
     MLAAttentionBackend,
 )
-from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention
+from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, from_cache, to_cache
 
 
 def _cases():
@@ -57,21 +67,59 @@ def _cases():
 CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}-page{c[3]}-{c[2]}-{c[4].name}-{c[5]}") for c in _cases()]
 
 
-def label_of(kind, mode, page_size, dtype, batch, shape) -> str:
-    return f"attention {kind} {mode} page_size={page_size} dtype={dtype} batch={batch} shape={shape}"
+def _fp8_cases():
+    """(kind, mode, query dtype, batch, shape, kv_scale) of the 8-bit cache cases, on the last page size."""
+    for kind, shapes in (("mla", MLA_SHAPES), ("mha", MHA_SHAPES)):
+        first, *others = shapes
+        for mode, batches in (("extend", EXTEND_BATCHES), ("decode", DECODE_BATCHES)):
+            for dtype in FP8_QUERY_DTYPES:
+                for batch in batches:
+                    yield kind, mode, dtype, batch, first, 1.0
+                yield kind, mode, dtype, batches[0], first, FP8_KV_SCALE
+                for shape in others:
+                    yield kind, mode, dtype, batches[0], shape, 1.0
+
+
+FP8_PAGE_SIZE = PAGE_SIZES[-1]
+FP8_CACHE = dtype_name(FP8_CACHE_DTYPE)
+FP8_CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}-page{FP8_PAGE_SIZE}-{c[2]}-kv{FP8_CACHE}"
+                          f"{'' if c[5] == 1.0 else f'-scale{c[5]}'}-{c[3].name}-{c[4]}") for c in _fp8_cases()]
+
+# Bound for the 8-bit cache cases. The oracle attends over exactly what the cache holds, so a kernel
+# computing in the queries' dtype stays within that dtype's bound (the reference: 3e-6 in bfloat16);
+# this one also admits a kernel that rounds its other operands to e4m3, as fp8 tensor-core kernels do.
+# e4m3 keeps 3 mantissa bits: a relative rounding error of up to 2^-4 (3.9e-3 squared, ~1.3e-3 on
+# average). Measured on these cases, the reference with its queries rounded to e4m3: up to 8.3e-4;
+# with the decode probabilities rounded too: 1.4e-3. What it must catch, measured the same way:
+# ignoring kv_scale ~2, reading the bytes as e5m2 0.17 and more, a decode that drops each sequence's
+# newest key 1.2e-2 and more.
+FP8_CACHE_BOUND = 5e-3
+
+
+def label_of(kind, mode, page_size, dtype, batch, shape, cache: str = "") -> str:
+    """`cache`: "" (the cache in the queries' dtype) or " kv_cache=... [kv_scale=...]"."""
+    return f"attention {kind} {mode} page_size={page_size} dtype={dtype}{cache} batch={batch} shape={shape}"
 
 
 @dataclass
 class Inputs:
     """A case's data in float64 on the host, already rounded through the case dtype."""
 
-    context: list[list[torch.Tensor]]  # per cache part, per sequence: [seq_len, ...] rows
-    new_rows: list[torch.Tensor]  # per cache part: [T, ...] the new tokens' cache entries
+    context: list[list[torch.Tensor]]  # per cache part, per sequence: [seq_len, ...] rows, as cached
+    new_rows: list[torch.Tensor]  # per cache part: [T, ...] the new tokens' cache entries, as given
     tensors: dict[str, torch.Tensor]  # the call's other inputs, in call order
+    oracle_tensors: dict[str, torch.Tensor]  # the same with the new rows as the cache holds them
+
+
+def cached(spec: AttentionSpec, rows: torch.Tensor) -> torch.Tensor:
+    """Real rows as the cache holds them, read back in float64 (the identity for a cache in the
+    queries' dtype, whose rows are already rounded to it)."""
+    return from_cache(to_cache(rows, spec.dtype, spec.kv_scale), ORACLE_DTYPE, spec.kv_scale)
 
 
 def make_inputs(spec: AttentionSpec, mode: str, layout: PagedLayout, dtype: torch.dtype,
                 gen: torch.Generator) -> Inputs:
+    """`dtype`: the queries' (and the given new rows'); the cache's is spec.dtype."""
     def rnd(*shape, std=1.0):
         x = torch.randn(*shape, generator=gen, dtype=ORACLE_DTYPE) * std
         return x.to(dtype).to(ORACLE_DTYPE)
@@ -100,7 +148,15 @@ def make_inputs(spec: AttentionSpec, mode: str, layout: PagedLayout, dtype: torc
     else:
         tensors["k"], tensors["v"] = new_rows
     tensors.update(extra)
-    return Inputs(context, new_rows, tensors)
+    oracle_tensors = tensors
+    if spec.dtype != dtype or spec.kv_scale != 1.0:
+        # The cache keeps its own format: the context is what it holds, the new rows reach the backend
+        # in the queries' dtype and are rounded by its write, and the oracle attends over the result.
+        context = [[cached(spec, rows) for rows in part] for part in context]
+        held = [cached(spec, rows) for rows in new_rows]
+        names = ["latent"] if spec.kind == "mla" else ["k", "v"]
+        oracle_tensors = {**tensors, **dict(zip(names, held))}
+    return Inputs(context, new_rows, tensors, oracle_tensors)
 
 
 def call(backend, spec: AttentionSpec, mode: str, t: dict[str, torch.Tensor], cache, meta):
@@ -124,25 +180,29 @@ def reference_class(spec: AttentionSpec):
     return ReferenceMLAAttention if spec.kind == "mla" else ReferenceMHAAttention
 
 
-def fill_cache(layout: PagedLayout, parts: list[torch.Tensor], context: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def fill_cache(layout: PagedLayout, parts: list[torch.Tensor], context: list[list[torch.Tensor]],
+               kv_scale: float = 1.0) -> list[torch.Tensor]:
+    """The context rows into the cache parts, stored as `to_cache` stores them."""
     flats = [c.view(layout.num_slots, -1) for c in parts]
     for flat, ctx_rows in zip(flats, context):
-        layout.fill(flat, [r.reshape(r.shape[0], -1) for r in ctx_rows])
+        layout.fill(flat, [to_cache(r.reshape(r.shape[0], -1), flat.dtype, kv_scale) for r in ctx_rows])
     return flats
 
 
 def oracle(spec: AttentionSpec, mode: str, layout: PagedLayout, inputs: Inputs) -> torch.Tensor:
-    """The reference in float64 on the host, on the same (rounded) data."""
-    spec64 = replace(spec, dtype=ORACLE_DTYPE)
+    """The reference in float64 on the host, on the same (rounded) data: the cache's contents read back."""
+    spec64 = replace(spec, dtype=ORACLE_DTYPE, kv_scale=1.0)
     ref = reference_class(spec)(spec64)
     cache = ref.create_cache(layout.num_pages, HOST)
     parts = list(cache) if isinstance(cache, tuple) else [cache]
     fill_cache(layout, parts, inputs.context)
-    return call(ref, spec64, mode, inputs.tensors, as_cache_arg(spec, parts), layout.meta(HOST))
+    return call(ref, spec64, mode, inputs.oracle_tensors, as_cache_arg(spec, parts), layout.meta(HOST))
 
 
-def check_attention_case(ctx: Context, case: Case, backend, spec: AttentionSpec, mode: str, batch: Batch) -> None:
-    dev, dtype = ctx.torch_device, spec.dtype
+def check_attention_case(ctx: Context, case: Case, backend, spec: AttentionSpec, mode: str, batch: Batch,
+                         dtype: torch.dtype | None = None, bound: float | None = None) -> None:
+    """`dtype`: the queries' (default: the cache's, spec.dtype); `bound`: the dtype's by default."""
+    dev, dtype = ctx.torch_device, dtype or spec.dtype
     case.note_dtype(dtype)
     if backend.page_size != spec.page_size:
         case.fail(f"page_size is {backend.page_size}, but the spec asks for {spec.page_size}")
@@ -152,7 +212,7 @@ def check_attention_case(ctx: Context, case: Case, backend, spec: AttentionSpec,
     inputs = make_inputs(spec, mode, layout, dtype, gen)
 
     parts = create_cache(case, backend, spec, layout.num_pages, dev)
-    flats = fill_cache(layout, parts, inputs.context)
+    flats = fill_cache(layout, parts, inputs.context, spec.kv_scale)
     before = [f.clone() for f in flats]
     meta = layout.meta(dev)
     if mode == "decode":
@@ -170,9 +230,10 @@ def check_attention_case(ctx: Context, case: Case, backend, spec: AttentionSpec,
     check_meta(case, meta, meta_before)
     names = ["latent"] if spec.kind == "mla" else ["K", "V"]
     for name, flat, old, rows in zip(names, flats, before, inputs.new_rows):
-        layout.check_writes(case, name, flat, old, meta.out_cache_loc, rows.reshape(rows.shape[0], -1))
+        stored = to_cache(rows.reshape(rows.shape[0], -1), flat.dtype, spec.kv_scale)
+        layout.check_writes(case, name, flat, old, meta.out_cache_loc, stored)
     if case.check_tensor(what, out, out_shape(spec, mode, layout_tokens(layout)), dtype, dev):
-        case.compare("", out, oracle(spec, mode, layout, inputs), dtype)
+        case.compare("", out, oracle(spec, mode, layout, inputs), dtype, bound)
 
     # Speed: the same call again (it rewrites the same slots), and the reference in the same dtype on
     # the same device over a copy of the cache.
@@ -195,6 +256,17 @@ def test_attention(ctx, make_case, kind, mode, dtype, page_size, batch, shape):
     expect = MLAAttentionBackend if kind == "mla" else MHAAttentionBackend
     backend = case.serve(ctx, "attention_backend", expect=expect, spec=spec)
     check_attention_case(ctx, case, backend, spec, mode, batch)
+
+
+@pytest.mark.parametrize("kind,mode,dtype,batch,shape,kv_scale", FP8_CASES)
+def test_attention_fp8_cache(ctx, make_case, kind, mode, dtype, batch, shape, kv_scale):
+    scaled = "" if kv_scale == 1.0 else f" kv_scale={kv_scale}"
+    case = make_case("attention", label_of(kind, mode, FP8_PAGE_SIZE, dtype, batch.name, shape,
+                                           cache=f" kv_cache={FP8_CACHE}{scaled}"))
+    spec = make_spec(kind, shape, FP8_CACHE_DTYPE, FP8_PAGE_SIZE, kv_scale)
+    expect = MLAAttentionBackend if kind == "mla" else MHAAttentionBackend
+    backend = case.serve(ctx, "attention_backend", expect=expect, spec=spec)
+    check_attention_case(ctx, case, backend, spec, mode, batch, DTYPES[dtype], FP8_CACHE_BOUND)
 
 
 @pytest.mark.parametrize("shape", list(MLA_SHAPES))

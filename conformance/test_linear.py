@@ -1,4 +1,5 @@
-"""Linear methods: unquantized, and FP8 block-scaled when the device's plugins serve it.
+"""Linear methods: unquantized, and every quantized format of `dsserve.core.quant` (fp8_block,
+int8_block, int8_channel, awq), each served by the device's plugins or left to the reference.
 
 Each method goes through its whole life as the model loader drives it: `create_weights` (the
 checkpoint's names and shapes, laid out as `param_block` says), the loader filling them in place,
@@ -20,7 +21,9 @@ from dsserve.conformance.harness import (
     one_line,
 )
 from dsserve.core.backends import LinearMethod, LinearSpec
-from dsserve.core.reference import ReferenceFp8BlockLinear, UnquantizedLinear
+from dsserve.core.quant import weight_format
+from dsserve.conformance.quant_common import QUANT_FORMATS, dequantize64, quantized_weight
+from dsserve.core.reference import ReferenceQuantizedLinear, UnquantizedLinear
 
 # leading shape of x, in_features, out_features, bias
 UNQUANTIZED_SHAPES = {
@@ -28,20 +31,11 @@ UNQUANTIZED_SHAPES = {
     "m33-bias": ((33,), 96, 128, True),
     "m2x5-bias": ((2, 5), 64, 80, True),
 }
-FP8_SHAPES = {
+QUANT_SHAPES = {
     "m7": ((7,), 256, 384, False),
-    "m1-partial-blocks-bias": ((1,), 200, 130, True),
+    "m1-partial-blocks-bias": ((1,), 200, 136, True),
     "m3x4": ((3, 4), 512, 256, False),
 }
-FP8_BLOCK = (128, 128)
-FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-# The method quantizes activations to 8 bits per token and 128-feature group (the DeepSeek-V3
-# recipe), so the product carries that rounding: 6e-4 to 1.2e-3 normalised error for e4m3 (3 mantissa
-# bits); a method that keeps activations in 16 or 32 bits does better. Wrong scales or blocks cost
-# far more.
-FP8_BOUND = 5e-3
-
-
 def _cases(shapes):
     for shape in shapes:
         for dtype in DTYPES:
@@ -69,15 +63,18 @@ def _expect_param(case: Case, params: dict, name: str, shape: tuple, dtype_ok, d
 
 
 def _check_layout(case: Case, method: LinearMethod, params: dict) -> None:
-    """Every created tensor lies along the weight's axes in units of its `param_block`."""
+    """Every created tensor lies along the weight's axes (`param_dims`) in units of its `param_block`."""
     n, k = method.spec.out_features, method.spec.in_features
     for name, t in params.items():
         with case.calling(f"param_block({name!r})"):
             rows, cols = method.param_block(name)
-        want = (-(-n // rows), -(-k // cols))[: t.dim()]
+        with case.calling(f"param_dims({name!r})"):
+            dims = method.param_dims(name)
+        sizes = (-(-n // rows), -(-k // cols) if cols else 1)
+        want = sizes[:1] if t.dim() == 1 else (sizes if tuple(dims) == (0, 1) else sizes[::-1])
         if t.dim() not in (1, 2) or tuple(t.shape) != want:
-            case.fail(f"create_weights' '{name}' is {tuple(t.shape)}, but param_block says one element covers "
-                      f"{rows}x{cols} of the {n}x{k} weight, so {want}")
+            case.fail(f"create_weights' '{name}' is {tuple(t.shape)}, but param_block/param_dims say one element "
+                      f"covers {rows}x{cols or 'all'} of the {n}x{k} weight along dims {tuple(dims)}, so {want}")
 
 
 def _check_dequantized(case: Case, method: LinearMethod, params: dict, weight: torch.Tensor) -> None:
@@ -144,46 +141,39 @@ def test_unquantized(ctx: Context, make_case, shape, dtype):
     case.done()
 
 
-def quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] float64 -> (e4m3 weight, float32 weight_scale_inv [ceil(N/bn), ceil(K/bk)], the
-    dequantised weight in float64): one scale per block, amax / 448."""
-    n, k = w.shape
-    bn, bk = block
-    nb, kb = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(nb * bn, kb * bk, dtype=w.dtype)
-    padded[:n, :k] = w
-    blocks = padded.view(nb, bn, kb, bk)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12).to(torch.float32)
-    s = scale.to(w.dtype)[:, None, :, None]
-    q = (blocks / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    deq = (q.to(w.dtype) * s).view(nb * bn, kb * bk)[:n, :k]
-    return q.view(nb * bn, kb * bk)[:n, :k].contiguous(), scale, deq
+def _cases_quant():
+    for fmt in QUANT_FORMATS:
+        for shape in QUANT_SHAPES:
+            for dtype in DTYPES:
+                yield pytest.param(fmt, shape, dtype, id=f"{fmt}-{shape}-{dtype}")
 
 
-@pytest.mark.parametrize("shape,dtype", list(_cases(FP8_SHAPES)))
-def test_fp8_block(ctx: Context, make_case, shape, dtype):
-    lead, k, n, bias = FP8_SHAPES[shape]
+@pytest.mark.parametrize("fmt,shape,dtype", list(_cases_quant()))
+def test_quantized(ctx: Context, make_case, fmt, shape, dtype):
+    lead, k, n, bias = QUANT_SHAPES[shape]
+    block, bound = QUANT_FORMATS[fmt]
     dt = DTYPES[dtype]
-    case = make_case("linear", f"linear quant=fp8_block block={FP8_BLOCK[0]}x{FP8_BLOCK[1]} shape={shape} "
-                               f"in={k} out={n} dtype={dtype}")
+    size = "" if block is None else (f" group={block[1]}" if fmt == "awq" else f" block={block[0]}x{block[1]}")
+    case = make_case("linear", f"linear quant={fmt}{size} shape={shape} in={k} out={n} dtype={dtype}")
     case.note_dtype(dt)
-    spec = LinearSpec(k, n, bias, dt, quant="fp8_block", weight_block_size=FP8_BLOCK)
+    spec = LinearSpec(k, n, bias, dt, quant=fmt, weight_block_size=block)
     method = case.serve(ctx, "linear_method", expect=LinearMethod, spec=spec)
     params = _create(ctx, case, method)
-    nb, kb = -(-n // FP8_BLOCK[0]), -(-k // FP8_BLOCK[1])
-    ok = _expect_param(case, params, "weight", (n, k), lambda d: d.is_floating_point and d.itemsize == 1,
-                       "8-bit float")
-    ok &= _expect_param(case, params, "weight_scale_inv", (nb, kb), lambda d: d == torch.float32, "float32")
+    layouts = weight_format(fmt, block).tensors()
+    ok = True
+    for name, lay in layouts.items():
+        want_dtype = lay.dtype
+        # an 8-bit float weight may be kept in the device's own 8-bit float format (e4m3fnuz)
+        dtype_ok = ((lambda d: d.is_floating_point and d.itemsize == 1) if want_dtype.is_floating_point
+                    and want_dtype.itemsize == 1 else (lambda d, w=want_dtype: d == w))
+        ok &= _expect_param(case, params, name, lay.shape(n, k), dtype_ok, str(want_dtype))
     if bias:
         ok &= _expect_param(case, params, "bias", (n,), lambda d: d == dt, str(dt))
     if not ok:
         case.done()
     gen = torch.Generator().manual_seed(case.seed)
-    w = torch.randn(n, k, generator=gen, dtype=ORACLE_DTYPE) * k ** -0.5
-    # a few blocks of very different magnitude: a scale applied to the wrong block shows
-    w[: min(n, FP8_BLOCK[0])] *= 8.0
-    q, scale, deq = quantize_blockwise(w, FP8_BLOCK)
-    values = {"weight": q, "weight_scale_inv": scale}
+    values = quantized_weight(fmt, block, n, k, gen)
+    deq = dequantize64(fmt, block, values, n, k)
     b = None
     if bias:
         b = (torch.randn(n, generator=gen, dtype=ORACLE_DTYPE) * 0.1).to(dt)
@@ -192,14 +182,14 @@ def test_fp8_block(ctx: Context, make_case, shape, dtype):
     _check_layout(case, method, params)
     try:
         params, g_x, out = _load_and_apply(ctx, case, method, params, values, x, n)
-    except RuntimeError as exc:  # copying e4m3 into the method's own 8-bit format failed
-        case.fail(f"loading the e4m3 checkpoint weight failed: {one_line(exc)}")
+    except RuntimeError as exc:  # copying the stored tensors into the method's own formats failed
+        case.fail(f"loading the {fmt} checkpoint tensors failed: {one_line(exc)}")
         case.done()
     _check_dequantized(case, method, params, deq)
     if out is not None:
         want = x @ deq.T + (b.to(ORACLE_DTYPE) if b is not None else 0)
-        case.compare("against the dequantised weight", out, want, dt, FP8_BOUND)
-    ref = ReferenceFp8BlockLinear(spec)
+        case.compare("against the dequantised weight", out, want, dt, bound)
+    ref = ReferenceQuantizedLinear(spec)
     ref_params = {m: v.to(ctx.torch_device) for m, v in values.items()}
     case.timed(lambda: method.apply(params, g_x.tensor), lambda: ref.apply(ref_params, g_x.tensor), ctx.torch_device)
     case.done()

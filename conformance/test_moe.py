@@ -20,6 +20,7 @@ from dsserve.conformance.harness import (
     Guarded,
     dtype_name,
 )
+from dsserve.conformance.quant_common import QUANT_FORMATS, dequantize64, quantized_weight
 from dsserve.core.backends import MoEBackend, MoESpec
 from dsserve.core.reference import ReferenceMoE, select_experts
 
@@ -192,4 +193,62 @@ def check_compute(ctx: Context, case: Case, backend: MoEBackend, spec: MoESpec, 
         case.compare("", out, oracle, dtype, COMPUTE_BOUNDS[dtype])
     ref, ref_args = ReferenceMoE(spec), [*args[:3], w13.to(dev, dtype), w2.to(dev, dtype)]
     case.timed(lambda: backend.compute_experts(*args), lambda: ref.compute_experts(*ref_args), dev)
+    case.done()
+
+
+# tokens, experts, top-k, hidden, intermediate: the block formats' 128x128 blocks cover several rows
+# of both gate and up here; the merged weight is quantized as one, as the checkpoint's merged scales
+# describe it
+QUANT_COMPUTE_SHAPES = {"t1-e8": (1, 8, 2, 128, 64), "t37-e16": (37, 16, 6, 256, 128)}
+
+
+def quant_compute_cases():
+    for fmt in QUANT_FORMATS:
+        for shape in QUANT_COMPUTE_SHAPES:
+            for dtype in DTYPES:
+                yield pytest.param(fmt, shape, dtype, id=f"{fmt}-{shape}-{dtype}")
+
+
+@pytest.mark.parametrize("fmt,shape,dtype", list(quant_compute_cases()))
+def test_compute_quantized_experts(ctx: Context, make_case, fmt, shape, dtype):
+    """Experts stored quantized (dicts of the format's tensors stacked over experts) against the
+    dequantised experts computed in float64, with the format's bound for its activation rounding."""
+    tokens, experts, top_k, hidden_size, inter = QUANT_COMPUTE_SHAPES[shape]
+    block, bound = QUANT_FORMATS[fmt]
+    dt = DTYPES[dtype]
+    case = make_case("moe", f"moe compute_experts quant={fmt} shape={shape} dtype={dtype}")
+    case.note_dtype(dt)
+    spec = replace(moe_spec(experts, top_k, 1, 1, "sigmoid", "greedy", True, dt, hidden_size, inter),
+                   quant=fmt, weight_block_size=block)
+    backend = case.serve(ctx, "moe_backend", expect=MoEBackend, spec=spec)
+    dev = ctx.torch_device
+    gen = torch.Generator().manual_seed(case.seed)
+    stored13 = [quantized_weight(fmt, block, 2 * inter, hidden_size, gen) for _ in range(experts)]
+    stored2 = [quantized_weight(fmt, block, hidden_size, inter, gen) for _ in range(experts)]
+    w13 = {name: torch.stack([s[name] for s in stored13]) for name in stored13[0]}
+    w2 = {name: torch.stack([s[name] for s in stored2]) for name in stored2[0]}
+    deq13 = torch.stack([dequantize64(fmt, block, s, 2 * inter, hidden_size) for s in stored13])
+    deq2 = torch.stack([dequantize64(fmt, block, s, hidden_size, inter) for s in stored2])
+    hidden = torch.randn(tokens, hidden_size, generator=gen, dtype=ORACLE_DTYPE).to(dt).to(ORACLE_DTYPE)
+    skew = torch.rand(tokens, experts, generator=gen) * torch.linspace(1.0, 3.0, experts)
+    ids = skew.argsort(dim=-1, descending=True)[:, :top_k].contiguous()
+    weights = torch.rand(tokens, top_k, generator=gen) + 0.1
+    with case.calling("process_weights_after_loading"):
+        w13_served, w2_served = backend.process_weights_after_loading(
+            {k: v.to(dev) for k, v in w13.items()}, {k: v.to(dev) for k, v in w2.items()})
+    guarded = [Guarded("hidden", hidden, dt, dev), Guarded("topk_weights", weights, torch.float32, dev),
+               Guarded("topk_ids", ids, torch.int64, dev)]
+    args = [g.tensor for g in guarded]
+    with case.calling("compute_experts"):
+        out = backend.compute_experts(*args, w13_served, w2_served)
+    for g in guarded:
+        g.check(case)
+    if case.check_tensor("compute_experts", out, (tokens, hidden_size), dt, dev):
+        oracle_spec = replace(spec, dtype=ORACLE_DTYPE, quant="none", weight_block_size=None)
+        oracle = ReferenceMoE(oracle_spec).compute_experts(hidden, weights, ids, deq13, deq2)
+        case.compare("against the dequantised experts", out, oracle, dt, bound or COMPUTE_BOUNDS[dt])
+    ref = ReferenceMoE(spec)
+    ref13, ref2 = ({k: v.to(dev) for k, v in w.items()} for w in (w13, w2))
+    case.timed(lambda: backend.compute_experts(*args, w13_served, w2_served),
+               lambda: ref.compute_experts(*args, ref13, ref2), dev)
     case.done()

@@ -70,6 +70,11 @@ class AttentionSpec:
     `scale` is the softmax scale (YaRN's mscale correction already applied).
     `dtype` is the KV cache's dtype (it may differ from the queries', e.g. an fp8 cache); outputs
     are in the queries' dtype. `page_size` None lets the backend choose.
+    `kv_scale` is the cache's per-tensor scale: a cached element holds the real value / kv_scale
+    (clamped to the format's finite range for 8-bit floats), and reads back as stored * kv_scale.
+    1.0 unless a checkpoint calibrated one; a backend that cannot apply it declines specs with
+    another value. A backend whose kernels do not read an 8-bit cache (`fp8_cache`) declines the
+    spec and lets the reference serve it.
     """
 
     kind: Literal["mla", "mha"]
@@ -82,6 +87,12 @@ class AttentionSpec:
     page_size: int | None = None
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
+    kv_scale: float = 1.0
+
+    @property
+    def fp8_cache(self) -> bool:
+        """Whether the cache holds 8-bit floats (e4m3 or e5m2), which the queries never are."""
+        return self.dtype.is_floating_point and self.dtype.itemsize == 1
 
     @property
     def qk_nope_head_dim(self) -> int:
@@ -222,6 +233,9 @@ class MoESpec:
                   the groups with the highest sum of their top-2 biased scores).
     norm_topk_prob: renormalise the chosen weights to sum to 1 before `routed_scaling_factor`.
     intermediate_size is per expert on this rank.
+    quant / weight_block_size: the experts' weight format, as `LinearSpec`'s ("none" or a
+    `dsserve.core.quant.FORMATS` name); quantized experts reach the backend as stored (see
+    `MoEBackend.compute_experts`).
     """
 
     num_experts: int
@@ -236,6 +250,7 @@ class MoESpec:
     routed_scaling_factor: float
     dtype: torch.dtype
     quant: str = "none"
+    weight_block_size: tuple[int, int] | None = None
 
 
 class MoEBackend(ABC):
@@ -275,6 +290,13 @@ class MoEBackend(ABC):
         `process_weights_after_loading` returned them; as stored, w13 is [E, 2 * intermediate_size,
         hidden_size] (gate rows, then up rows) and w2 [E, hidden_size, intermediate_size];
         expert(x) = w2 @ (silu(gate x) * (up x)). Returns [T, hidden_size] in hidden's dtype.
+
+        Quantized experts (spec.quant != "none") are stored as dicts instead: the format's tensors
+        (`dsserve.core.quant.weight_format(spec.quant, spec.weight_block_size).tensors()`) of each
+        expert's [2 * intermediate_size, hidden_size] gate+up weight (gate rows first, along the
+        tensor's output dim) and of its [hidden_size, intermediate_size] down weight, stacked over
+        experts: e.g. fp8_block's w13 = {"weight": [E, 2I, D] e4m3, "weight_scale_inv": [E, 2I/bn,
+        D/bk] float32}. The scheme's activation rounding applies to both GEMMs' inputs.
         """
 
 
@@ -285,8 +307,12 @@ class MoEBackend(ABC):
 class LinearSpec:
     """A linear layer y = x W^T (+ b) of this rank's shard.
 
-    quant: "none", "fp8_block" (e4m3 weights with float32 `weight_scale_inv` per
-    `weight_block_size` block), "int8_w8a8", "int8_wo" (weight-only).
+    quant: "none" or a weight format of `dsserve.core.quant.FORMATS`, stored as the published
+    checkpoints store it (docs/quantization.md): "fp8_block" (e4m3 `weight` + float32
+    `weight_scale_inv` per block, activations e4m3 per token per block column), "int8_block" (the
+    same in int8), "int8_channel" (int8 `weight` + float32 `weight_scale` [out, 1], activations int8
+    per token), "awq" (4-bit `qweight`/`qzeros`/`scales`, transposed, activations unquantized).
+    weight_block_size: the scale block (rows, columns); AWQ's is (1, group_size).
     """
 
     in_features: int
@@ -301,13 +327,15 @@ class LinearMethod(ABC):
     """How one quantization scheme creates, post-processes and applies a linear layer's weights.
 
     Layout of the created tensors (what the model's `Linear` relies on to load them): each one is laid
-    out along the weight's own axes, dim 0 following the output features and dim 1 (2-D tensors) the
-    input features, and `param_block(name)` says how many weight rows and columns one of its elements
-    covers: (1, 1) for the weight and a bias, the block for a block scale (fp8_block's
-    `weight_scale_inv` covers `weight_block_size`). `Linear` slices checkpoint tensors in those units
-    when it merges several of them into one layer (gate_proj + up_proj) and when it shards a layer over
-    tensor-parallel ranks (columns: dim 0; rows: dim 1 of the 2-D tensors); a part or shard boundary
-    that falls inside a block is refused when the model is built.
+    out along the weight's own axes, `param_dims(name)` saying which of its dims follows the output
+    features and which the input features ((0, 1) unless the format stores it transposed, as AWQ
+    does), and `param_block(name)` how many weight rows and columns one of its elements covers: (1, 1)
+    for the weight and a bias, the block for a block scale (fp8_block's `weight_scale_inv` covers
+    `weight_block_size`), (1, 0) for a per-row scale [out, 1] (0: all columns). `Linear` slices
+    checkpoint tensors in those units when it merges several of them into one layer (gate_proj +
+    up_proj) and when it shards a layer over tensor-parallel ranks (columns: the output dim; rows:
+    the input dim of the 2-D tensors; a per-row scale is kept whole); a part or shard boundary that
+    falls inside a block is refused when the model is built.
     """
 
     def __init__(self, spec: LinearSpec):
@@ -319,9 +347,14 @@ class LinearMethod(ABC):
         shaped as the checkpoint stores this shard. The loader fills them in place."""
 
     def param_block(self, name: str) -> tuple[int, int]:
-        """(weight rows, weight columns) one element of the created tensor `name` covers along its
-        dim 0 and dim 1. Default (1, 1): every tensor is element for element with the weight."""
+        """(weight rows, weight columns) one element of the created tensor `name` covers; columns 0
+        means all of them. Default (1, 1): every tensor is element for element with the weight."""
         return (1, 1)
+
+    def param_dims(self, name: str) -> tuple[int, int]:
+        """(the dim of tensor `name` that follows the output features, the one that follows the input
+        features). Default (0, 1); a 1-D tensor follows the output features."""
+        return (0, 1)
 
     def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Repack loaded tensors for `apply` (transpose, convert, pre-quantize). Default: unchanged."""

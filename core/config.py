@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
-# SGLang's --quantization names; a value other than the checkpoint's own format is accepted with a warning.
+# SGLang's --quantization names; dsserve.core.quant.QuantConfig says which are served and refuses the rest.
 QUANTIZATION_METHODS = [
     "fp8", "w8a8_int8", "w8a8_fp8", "blockwise_int8", "int8", "awq", "awq_marlin", "gptq", "gptq_marlin",
     "moe_wna16", "compressed-tensors", "bitsandbytes", "gguf", "modelopt", "modelopt_fp4", "w4afp8", "mxfp4",
@@ -71,9 +71,12 @@ class EngineArgs:
     dist_timeout: int | None = flag(None, "seconds before a distributed operation times out",
                                     group="parallelism")
     # weights and KV formats
-    quantization: str | None = flag(None, "weight quantization; a quantized checkpoint's own format is always "
-                                    "used", group="quantization", choices=QUANTIZATION_METHODS)
-    kv_cache_dtype: str = flag("auto", "KV cache dtype (auto: the compute dtype)", group="quantization",
+    quantization: str | None = flag(None, "weight format: a float checkpoint is quantized at load (fp8: 128x128 "
+                                    "blocks, w8a8_int8: per channel, blockwise_int8); on a quantized checkpoint it "
+                                    "must name the checkpoint's own format", group="quantization",
+                                    choices=QUANTIZATION_METHODS)
+    kv_cache_dtype: str = flag("auto", "KV cache dtype (auto: the compute dtype; fp8_e4m3 / fp8_e5m2: 8-bit "
+                               "floats, half a bfloat16 cache's bytes)", group="quantization",
                                choices=["auto", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16"])
     load_format: str = flag("auto", "weight file format", group="quantization",
                             choices=["auto", "safetensors", "pt", "dummy"])

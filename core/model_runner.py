@@ -13,6 +13,9 @@ from .plugins import PluginRegistry, default_registry
 log = logging.getLogger("dsserve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --kv-cache-dtype values; "auto" is the compute dtype.
+_KV_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}
 
 
 class ModelRunner:
@@ -20,19 +23,21 @@ class ModelRunner:
 
     def __init__(self, args: EngineArgs, registry: PluginRegistry | None = None):
         from dsserve.models.layers import LayerContext
-        from dsserve.models.loader import build_model, read_config, resolve_model_path
+        from dsserve.models.loader import build_model, quant_config, read_config, resolve_model_path
 
         registry = registry or default_registry()
         self.device = registry.select_device(args.device)
         self.device.setup()
         self.dtype = self.device.default_dtype() if args.dtype == "auto" else _DTYPES[args.dtype]
+        self.kv_cache_dtype = _kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.model_path = resolve_model_path(args.model_path)
         self.config = cfg = read_config(self.model_path)
         self.torch_device = self.device.torch_device()
         ctx = LayerContext(
             device=self.device, registry=registry, dtype=self.dtype, torch_device=self.torch_device,
-            comm=registry.communicator(self.device, None, 0, 1), quant=_quant_scheme(cfg.quantization_config),
-            weight_block_size=_weight_block_size(cfg.quantization_config), page_size=args.page_size,
+            comm=registry.communicator(self.device, None, 0, 1),
+            quant=quant_config(self.model_path, cfg, args.quantization), page_size=args.page_size,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         log.info("device: %s; dtype %s", self.device.describe(), str(self.dtype).removeprefix("torch."))
         self.model = build_model(self.model_path, cfg, ctx)
@@ -40,9 +45,9 @@ class ModelRunner:
         self.backends = [layer.self_attn.backend for layer in self.model.layers]
         self.kv = KVPool(self.backends, self._pool_pages(args), self.torch_device)
         per_token = KVPool.bytes_per_token(self.backends)
-        log.info("KV cache: %d tokens in %d pages of %d (%.1f MiB, %d B/token); longest context %d tokens",
-                 self.kv.capacity_tokens, self.kv.num_pages, self.kv.page_size,
-                 self.kv.capacity_tokens * per_token / 2**20, per_token, self.max_context)
+        log.info("KV cache: %s, %d tokens in %d pages of %d (%.1f MiB, %d B/token); longest context %d tokens",
+                 str(self.kv_cache_dtype).removeprefix("torch."), self.kv.capacity_tokens, self.kv.num_pages,
+                 self.kv.page_size, self.kv.capacity_tokens * per_token / 2**20, per_token, self.max_context)
 
     @property
     def max_context(self) -> int:
@@ -83,16 +88,10 @@ class ModelRunner:
         return ForwardBatch(ids, meta, torch.tensor(rows, dtype=torch.int64, device=self.torch_device))
 
 
-def _weight_block_size(quantization_config: dict | None) -> tuple[int, int] | None:
-    """quantization_config's `weight_block_size` ([128, 128] in DeepSeek-V3/R1) as (out, in), or None."""
-    block = (quantization_config or {}).get("weight_block_size")
-    return (int(block[0]), int(block[1])) if block else None
-
-
-def _quant_scheme(quantization_config: dict | None) -> str:
-    if not quantization_config:
-        return "none"
-    method = quantization_config.get("quant_method")
-    if method == "fp8" and quantization_config.get("weight_block_size"):
-        return "fp8_block"
-    return str(method)
+def _kv_cache_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The cache dtype --kv-cache-dtype names; an 8-bit one halves a bfloat16 cache's bytes per token."""
+    if name == "auto":
+        return compute
+    if name not in _KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(_KV_DTYPES)}")
+    return _KV_DTYPES[name]

@@ -56,7 +56,7 @@ class MLAttention(CheckpointModule):
         self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, ctx, bias=cfg.attention_bias, parallel="row")
         self.backend = ctx.attention_backend(AttentionSpec(
             kind="mla", num_heads=self.heads, num_kv_heads=1, head_dim=qk_dim, v_head_dim=self.v_dim,
-            scale=yarn_softmax_scale(cfg.rope_scaling, qk_dim), dtype=ctx.dtype, page_size=ctx.page_size,
+            scale=yarn_softmax_scale(cfg.rope_scaling, qk_dim), dtype=ctx.cache_dtype, page_size=ctx.page_size,
             kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=self.rope_dim,
         ))
         self.w_kc = self.w_vc = None
@@ -64,7 +64,7 @@ class MLAttention(CheckpointModule):
     def post_load(self) -> None:
         super().post_load()
         # Split kv_b_proj into the per-head up-projections used by the absorbed decode path. The weight
-        # comes dequantised from its method (an fp8 checkpoint's kv_b_proj stays fp8 for its own GEMMs);
+        # comes dequantised from its method (a quantized kv_b_proj stays quantized for its own GEMMs);
         # it is rounded once, to the compute dtype.
         w = self.kv_b_proj.method.dequantized_weight(dict(self.kv_b_proj.params))
         w = w.to(self.ctx.dtype).reshape(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
@@ -100,7 +100,7 @@ class DeepseekMoE(CheckpointModule):
             intermediate_size=cfg.moe_intermediate_size, scoring_func=cfg.scoring_func,
             topk_method=cfg.topk_method, n_group=cfg.n_group, topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-            dtype=ctx.dtype, quant=ctx.quant,
+            dtype=ctx.dtype,
         )
         self.routed = RoutedExperts(spec, ctx, correction_bias=cfg.topk_method == "noaux_tc")
         self.shared_experts = (

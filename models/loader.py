@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from dsserve.core.quant import QuantConfig
 from dsserve.models.config import ConfigError, ModelConfig
 
 from .deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
@@ -32,7 +33,9 @@ SINGLE_FILE = "model.safetensors"
 # Tensors some exporters write that carry nothing the graph needs.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.masked_bias)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+# Stored tensors of the quantized formats (dsserve.core.quant): counted as stored, never cast.
+QUANTIZED_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".qweight", ".qzeros", ".scales")
+_SAFETENSORS_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4, "F32": 4, "F16": 2, "BF16": 2}
 
 
 class CheckpointError(RuntimeError):
@@ -75,14 +78,6 @@ def read_config(folder: Path) -> ModelConfig:
             f"{folder / 'config.json'}: unsupported architecture '{cfg.architecture}'; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    block = (cfg.quantization_config or {}).get("weight_block_size")
-    if block is not None and not (
-        isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
-    ):
-        raise CheckpointError(
-            f"{folder / 'config.json'}: quantization_config.weight_block_size must be two positive integers "
-            f"[rows, columns], got {block!r}"
-        )
     return cfg
 
 
@@ -121,10 +116,25 @@ def _is_extra_layer(name: str, cfg: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
 
 
+def quant_config(folder: Path, cfg: ModelConfig, flag: str | None) -> QuantConfig:
+    """The format the linears and experts are served in, from config.json and `--quantization`
+    (see QuantConfig.resolve); one line naming config.json or the flag when they cannot be served."""
+    stored = any(name.endswith(QUANTIZED_SUFFIXES) for names in checkpoint_files(folder).values() for name in names)
+    try:
+        quant = QuantConfig.resolve(cfg.quantization_config, flag, stored_quantized=stored)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    if quant.skip:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: quantization_config.modules_to_not_convert {list(quant.skip)} is not served "
+            "yet (every linear and expert weight must be in the checkpoint's format)")
+    return quant
+
+
 def weight_bytes(folder: Path, files: dict[str, list[str]], cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes the served weights take in `dtype`, read from the safetensors headers alone. FP8 tensors
-    stay 8-bit and their float32 scales stay float32, except the routed experts', which are served
-    dequantised to `dtype` (see RoutedExperts)."""
+    """Bytes the weights take while loading, read from the safetensors headers alone: quantized
+    tensors and their scales as stored, float weights in `dtype` (a checkpoint quantized at load is
+    float until its layers quantize it)."""
     elem = torch.empty(0, dtype=dtype).element_size()
     total = 0
     for shard, names in files.items():
@@ -136,13 +146,9 @@ def weight_bytes(folder: Path, files: dict[str, list[str]], cfg: ModelConfig, dt
                 numel = 1
                 for d in tensor.get_shape():
                     numel *= d
-                expert = _ROUTED_EXPERT.search(name) is not None
-                if name.endswith(".weight_scale_inv"):
-                    total += 0 if expert else numel * 4
-                elif tensor.get_dtype().startswith("F8") and not expert:
-                    total += numel
-                else:
-                    total += numel * elem
+                stored = tensor.get_dtype()
+                as_stored = name.endswith(QUANTIZED_SUFFIXES) or stored.startswith(("F8", "I8", "I32", "U8"))
+                total += numel * (_SAFETENSORS_BYTES.get(stored, elem) if as_stored else elem)
     return total
 
 
@@ -162,7 +168,7 @@ def build_model(folder: Path, cfg: ModelConfig, ctx: LayerContext) -> DecoderOnl
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     load_weights(model, folder, files, cfg, ctx)
     model.post_load()
-    _log_dequantized_experts(model, ctx)
+    _log_resident_weights(model, ctx)
     return model.eval()
 
 
@@ -207,6 +213,7 @@ def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -
         raise CheckpointError(
             f"{path}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(expected)}"
         )
+    _check_dtype(dest.dtype, tensor_slice.get_dtype(), name, path)
     if target.shard_dim is None or ctx.tp_size == 1:
         tensor = tensor_slice[:]
     else:
@@ -217,14 +224,28 @@ def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -
     dest.copy_(tensor)
 
 
-def _log_dequantized_experts(model: DecoderOnlyLM, ctx: LayerContext) -> None:
-    """One line when routed experts were dequantised at load, with what it costs in memory."""
-    experts = [m for m in model.modules() if isinstance(m, RoutedExperts) and m.fp8_bytes]
-    if not experts:
-        return
-    served = sum(m.w13.numel() * m.w13.element_size() + m.w2.numel() * m.w2.element_size() for m in experts)
-    stored = sum(m.fp8_bytes for m in experts)
-    log.info("routed experts (%s, %d layers) are dequantised to %s at load: %.2f GiB instead of %.2f GiB "
-             "(+%.2f GiB per rank); the MoE backends run them unquantized", experts[0].checkpoint_quant,
-             len(experts), str(ctx.dtype).removeprefix("torch."), served / 2**30, stored / 2**30,
-             (served - stored) / 2**30)
+_STORAGE = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.int32: "I32"}
+
+
+def _check_dtype(want: torch.dtype, stored: str, name: str, path: Path) -> None:
+    """Quantized values are copied bit for bit, never converted: an integer or 8-bit tensor must be
+    stored in exactly the type the format expects, and a float slot never takes quantized values."""
+    if want in _STORAGE and stored != _STORAGE[want]:
+        raise CheckpointError(f"{path}: tensor '{name}' is {stored}, the checkpoint's format stores it as {_STORAGE[want]}")
+    if want not in _STORAGE and stored in _STORAGE.values():
+        raise CheckpointError(
+            f"{path}: tensor '{name}' is {stored} but a float tensor is expected there; the checkpoint looks "
+            "quantized: does config.json lack its quantization_config (or pass --quantization)?")
+
+
+def _log_resident_weights(model: DecoderOnlyLM, ctx: LayerContext) -> None:
+    """One line: the bytes the weights hold on the device, and how the linears and experts are stored."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, RoutedExperts)
+                  for name, p in m.named_parameters() if name.startswith(("w13", "w2")))
+    routed = f", routed experts {_size(experts)}" if experts else ""
+    log.info("weights: %s resident%s; linears and experts %s", _size(total), routed, ctx.quant.describe())
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -54,8 +54,6 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         warn("dist_init_addr", "no distributed rendezvous happens on one device", args.dist_init_addr)
     if args.dist_timeout is not None:
         warn("dist_timeout", "no distributed operation runs on one device", args.dist_timeout)
-    if args.kv_cache_dtype not in ("auto",):
-        warn("kv_cache_dtype", "the KV cache is kept in the compute dtype", args.kv_cache_dtype)
     if args.load_format not in ("auto", "safetensors"):
         warn("load_format", "weights are read from the checkpoint's safetensors files", args.load_format)
     if args.model_loader_extra_config:
@@ -88,22 +86,3 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         if getattr(args, dest) is not None:
             warn(dest, "prefill/decode disaggregation is not built yet", getattr(args, dest))
     return lines
-
-
-_SAME_FORMAT = {"int8": "w8a8_int8"}
-
-
-def quantization_warning(args: ServerArgs, checkpoint_quant: dict | None, argv: list[str] | None = None) -> str | None:
-    """A warning when --quantization asks for something other than the checkpoint's own format."""
-    if args.quantization is None:
-        return None
-    flag = _spellings(argv).get("quantization", "--quantization")
-    own = (checkpoint_quant or {}).get("quant_method")
-    asked = _SAME_FORMAT.get(args.quantization, args.quantization)
-    if own is not None and asked == _SAME_FORMAT.get(str(own), str(own)):
-        return None
-    if own is None:
-        why = "quantizing an unquantized checkpoint at load time is not built yet; its weights are used as stored"
-    else:
-        why = f"the checkpoint's own {own} format is used"
-    return f"{flag} {args.quantization} is accepted but has no effect: {why}"

@@ -114,7 +114,7 @@ def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli_args(ns)
     logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
     from dsserve.core.plugins import default_registry
-    from .flag_checks import inactive_flag_warnings, quantization_warning
+    from .flag_checks import inactive_flag_warnings
     from .serving import resolve_chat_template, served_model_name
 
     resolve_chat_template(args.chat_template)
@@ -127,9 +127,6 @@ def run(ns: argparse.Namespace) -> int:
 
     engine = Engine.from_args(args)
     try:
-        line = quantization_warning(args, engine.runner.config.quantization_config)
-        if line:
-            log.warning("warning: %s", line)
         server = _uvicorn_server(create_app(engine, args), args, signals=True)
         ready = f"dsserve ready: {url_of(args.host, sock)} (model {served_model_name(args)})"
         asyncio.run(_serve_until_stopped(server, sock, ready))

@@ -23,7 +23,7 @@ from dsserve.core.hookspecs import hookimpl
 from dsserve.core.plugin_report import render_plugins
 from dsserve.core.plugins import DISABLE_ENV, OVERRIDES_ENV, PluginRegistry
 from dsserve.plugins.cpu import native
-from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, ReferenceMoE
+from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, ReferenceMoE, ReferenceQuantizedLinear
 from dsserve.plugins.cpu import CpuDevice
 
 EXAMPLE_DIST = "dsserve-plugin-example"
@@ -83,7 +83,7 @@ def test_cpu_passes(capsys):
     # (float16 MLA, fp8 linear, the communicators) are not run
     mla = next(r for r in _rows(table, "attention") if r[1].endswith("ReferenceMLAAttention"))
     assert mla[2] == "0" and "reference" in mla
-    fp8 = next(r for r in _rows(table, "linear") if r[1].endswith("ReferenceFp8BlockLinear"))
+    fp8 = next(r for r in _rows(table, "linear") if r[1].endswith("ReferenceQuantizedLinear"))
     assert fp8[2] == "0" and "reference" in fp8
     own_linear = next(r for r in _rows(table, "linear") if r[1].startswith("dsserve.plugins.cpu."))
     assert int(own_linear[2]) > 0  # the C++ block GEMM, or oneDNN on AMX CPUs
@@ -312,6 +312,49 @@ def test_write_into_the_next_page_fails():
                      r"\(guard page \d+ offset 0", text), text
 
 
+class Fp8CacheMLA(ReferenceMLAAttention):
+    """The reference's code as a device's own backend (defined outside dsserve.core.reference)."""
+
+
+class Fp8CacheMHA(ReferenceMHAAttention):
+    pass
+
+
+def _fp8_only(mla, mha):
+    return lambda s: (mla(s) if s.kind == "mla" else mha(s)) if s.fp8_cache else None
+
+
+def test_fp8_cache_cases_run_where_a_backend_takes_them():
+    """A device whose backend takes e4m3 caches runs the 8-bit cache cases (float32 and bfloat16
+    queries, kv_scale 1 and 0.5, MLA and MHA, extend and decode) and passes them."""
+    registry = _registry_with("fp8-cache", dsserve_attention_backend=_fp8_only(Fp8CacheMLA, Fp8CacheMHA))
+    result = run_conformance("fp8-cache", registry, families=["attention"], keyword="fp8_cache")
+    assert result.ok, result.report()
+    ran = [r for r in result.results if r.ran]
+    assert len(ran) == len(result.results) == 40
+    labels = {r.label for r in ran}
+    assert ("attention mla decode page_size=64 dtype=bfloat16 kv_cache=float8_e4m3fn kv_scale=0.5 batch=ragged "
+            "shape=small") in labels
+    assert "attention mha extend page_size=64 dtype=float32 kv_cache=float8_e4m3fn batch=mixed shape=gqa" in labels
+    assert all(r.bound == 5e-3 for r in ran)
+
+
+class IgnoresKvScaleMHA(ReferenceMHAAttention):
+    """Writes stored = real / kv_scale, as it should, but reads the stored values back unscaled."""
+
+    def _read(self, flat, slots, dtype):
+        return flat.index_select(0, slots).to(dtype)
+
+
+def test_ignoring_kv_scale_fails():
+    registry = _registry_with("broken-kv-scale", dsserve_attention_backend=_fp8_only(Fp8CacheMLA, IgnoresKvScaleMHA))
+    result = run_conformance("broken-kv-scale", registry, families=["attention"],
+                             keyword="fp8_cache and mha and decode and scale0.5")
+    text = _failures(result)
+    assert re.search(r"attention mha decode page_size=64 dtype=float32 kv_cache=float8_e4m3fn kv_scale=0.5 "
+                     r"batch=ragged shape=gqa: normalised error \S+ > 5e-03", text), text
+
+
 class WritesPastHiddenMoE(ReferenceMoE):
     """compute_experts is right but also writes one row just past the end of `hidden`."""
 
@@ -365,3 +408,65 @@ def test_suite_ships_with_the_package():
     names = {p.name for p in PACKAGE_DIR.iterdir()}
     assert {"conftest.py", "pytest.ini", "cli.py", "runner.py"} <= names
     assert sum(n.startswith("test_") for n in names) >= 6
+
+
+# ------------------------------------------------------------------------ quantized formats
+
+
+class PluginQuantizedLinear(ReferenceQuantizedLinear):
+    """The reference's arithmetic in a plugin's own class, so the suite runs the quantized cases."""
+
+
+class PluginQuantizedMoE(ReferenceMoE):
+    pass
+
+
+class ShiftedBlocksLinear(ReferenceQuantizedLinear):
+    """Applies each row of blocks the scales of the next one (an off-by-one in the block grid)."""
+
+    def apply(self, params, x):
+        return super().apply({**params, "weight_scale_inv": params["weight_scale_inv"].roll(1, dims=0)}, x)
+
+
+class NibbleOrderMoE(ReferenceMoE):
+    """Reads AWQ's packed nibbles in plain order, not AutoAWQ's interleaved one."""
+
+    def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
+        def plain(packed):  # reorder the nibbles of each int32 as if column c were at nibble c
+            p = packed.to(torch.int64) & 0xFFFFFFFF
+            out = torch.zeros_like(p)
+            for c, nibble in enumerate((0, 4, 1, 5, 2, 6, 3, 7)):
+                out |= ((p >> (4 * c)) & 0xF) << (4 * nibble)
+            return (out - ((out >> 31) << 32)).to(torch.int32)
+
+        w13 = {**w13, "qweight": plain(w13["qweight"])}
+        return super().compute_experts(hidden, topk_weights, topk_ids, w13, w2)
+
+
+def test_every_quantized_format_runs_and_passes():
+    """A plugin answering every format with the reference's arithmetic: the linear and MoE cases of
+    all four formats run (the suite's float64 oracle agrees with the core's formats) and pass."""
+    quantized = lambda factory: lambda s: factory(s) if s.quant != "none" else None  # noqa: E731
+    registry = _registry_with("quant-plugin", dsserve_linear_method=quantized(PluginQuantizedLinear),
+                              dsserve_moe_backend=quantized(PluginQuantizedMoE))
+    result = run_conformance("quant-plugin", registry, families=["linear", "moe"], keyword="quant and float32")
+    assert result.ok, result.report()
+    names = [r.label for r in result.results if r.ran]
+    for fmt in ("fp8_block", "int8_block", "int8_channel", "awq"):
+        assert any(f"linear quant={fmt}" in n for n in names) and any(f"compute_experts quant={fmt}" in n
+                                                                      for n in names), fmt
+
+
+def test_scales_on_the_wrong_blocks_fail():
+    registry = _registry_with("broken-blocks", dsserve_linear_method=lambda s: (
+        ShiftedBlocksLinear(s) if s.quant in ("fp8_block", "int8_block") else None))
+    result = run_conformance("broken-blocks", registry, families=["linear"], keyword="quant and m3x4 and float32")
+    text = _failures(result)
+    assert re.search(r"linear quant=int8_block block=128x128 shape=m3x4 .*normalised error \S+ > 1e-03", text), text
+
+
+def test_awq_nibbles_out_of_order_fail():
+    registry = _registry_with("broken-awq", dsserve_moe_backend=lambda s: NibbleOrderMoE(s) if s.quant == "awq" else None)
+    result = run_conformance("broken-awq", registry, families=["moe"], keyword="quant and float32")
+    text = _failures(result)
+    assert re.search(r"moe compute_experts quant=awq shape=t1-e8 dtype=float32: .*normalised error", text), text

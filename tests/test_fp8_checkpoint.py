@@ -9,7 +9,7 @@ embed_tokens / lm_head / norms / router gate in bfloat16, e_score_correction_bia
 config.json's quantization_config as in shared/reference/deepseek-v3.config.json.
 
 The oracle is transformers with every weight replaced by its dequantised value (float32). dsserve
-keeps the linear layers in FP8, dequantises the routed experts at load, and takes MLA's absorbed
+keeps the linear layers and the routed experts in FP8 as stored, and takes MLA's absorbed
 kv_b_proj halves from the dequantised weight. With an FP8 method that leaves activations unquantized
 its logits are the oracle's to float32 rounding (the loading is exact); with the reference W8A8 method
 (activations rounded to e4m3 per token per 128 features, as DeepSeek-V3 runs) they differ by that
@@ -29,7 +29,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dsserve.core.reference import Fp8BlockWeights
+from dsserve.core.quant import QuantConfig
+from dsserve.core.reference import QuantizedWeights, ReferenceMoE
 from hf_checkpoints import build_deepseek_v3, read_tensors, write_tensors
 
 BLOCK = 128
@@ -58,8 +59,9 @@ NEW_TOKENS = 12
 # rounding of a GEMM's input (3 mantissa bits: RMS relative error 2^-3 / sqrt(12) = 3.6%) costs about
 # 1.3e-3 of normalised error (the conformance suite bounds one FP8 GEMM at 3e-3); on the way to the
 # logits a token crosses 6 FP8 GEMMs per layer (q_a, q_b, kv_a, o_proj, gate_up, down of the dense
-# MLP or shared experts; routed experts are dequantised, so unrounded), 18 in all: 18 x 1.3e-3 = 2.3e-2
-# if the roundings added up without cancelling. Measured: 5.9e-3 (the weight rounding: 1.7e-2).
+# MLP or shared experts) plus the routed experts' two, 22 in all in the two MoE layers' paths: about
+# 2.9e-2 if the roundings added up without cancelling; they partly cancel. Measured: 7.4e-3 (8.0e-3
+# in bfloat16; the weight rounding itself: 1.7e-2).
 LOGIT_NERR = 2.5e-2
 
 
@@ -126,12 +128,20 @@ def engine(ckpt):
     eng.shutdown()
 
 
-class DequantizingFp8Linear(Fp8BlockWeights):
+class DequantizingFp8Linear(QuantizedWeights):
     """fp8_block with the weight dequantised and the activations left as they are (no W8A8 rounding):
     served through the model, its logits must be the oracle's to float32 rounding."""
 
     def apply(self, params, x):
         return torch.nn.functional.linear(x, self.dequantized_weight(params).to(x.dtype), params.get("bias"))
+
+
+class DequantizingFp8MoE(ReferenceMoE):
+    """The reference's fp8 experts with the activations left as they are, like DequantizingFp8Linear."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.format.round_activations = lambda x: x  # this instance's format only
 
 
 @dataclass
@@ -205,8 +215,8 @@ def test_checkpoint_is_in_the_published_fp8_form(ckpt):
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
 
-def test_linears_stay_fp8_and_experts_are_dequantised(engine, ckpt):
-    from dsserve.core.reference import ReferenceFp8BlockLinear, UnquantizedLinear
+def test_linears_and_experts_stay_fp8(engine, ckpt):
+    from dsserve.core.reference import ReferenceQuantizedLinear, UnquantizedLinear
     from dsserve.models.layers import Linear, RoutedExperts
 
     deq = ckpt[2]
@@ -216,14 +226,14 @@ def test_linears_stay_fp8_and_experts_are_dequantised(engine, ckpt):
         if name == "lm_head":
             assert isinstance(lin.method, UnquantizedLinear) and lin.method.spec.weight_block_size is None
         else:
-            assert type(lin.method) is ReferenceFp8BlockLinear, name
+            assert type(lin.method) is ReferenceQuantizedLinear, name
             assert lin.method.spec.weight_block_size == (BLOCK, BLOCK)
             assert lin.params["weight"].dtype == torch.float8_e4m3fn
     routed = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     assert len(routed) == 2
     for i, m in zip((1, 2), routed):
-        assert m.spec.quant == "none" and m.checkpoint_quant == "fp8_block" and m.w13.dtype == torch.float32
-        assert not m.scales
+        assert m.spec.quant == "fp8_block" and m.w13["weight"].dtype == torch.float8_e4m3fn
+        assert m.w2["weight_scale_inv"].shape == (8, 2, 1)  # [E, D/128, I/128]
         w13, w2 = _stored_experts(m)
         for e in (0, 5):
             p = f"model.layers.{i}.mlp.experts.{e}."
@@ -231,23 +241,30 @@ def test_linears_stay_fp8_and_experts_are_dequantised(engine, ckpt):
             assert torch.equal(w13[e], want) and torch.equal(w2[e], deq[p + "down_proj.weight"])
     # the merged shared-expert gate/up: its scale rows come from both parts, in blocks
     shared = model.layers[1].mlp.shared_experts.gate_up_proj
-    got = ReferenceFp8BlockLinear(shared.method.spec).dequantized_weight(dict(shared.params))
+    got = ReferenceQuantizedLinear(shared.method.spec).dequantized_weight(dict(shared.params))
     p = "model.layers.1.mlp.shared_experts."
     assert torch.equal(got, torch.cat([deq[p + "gate_proj.weight"], deq[p + "up_proj.weight"]]))
 
 
-def test_bfloat16_serving_logs_the_expert_dequantisation(ckpt, runs, caplog):
-    """Served in bfloat16 (the GPUs' dtype): one log line says what dequantising the experts costs, and
+def test_routed_experts_take_their_fp8_bytes_and_the_log_says_so(ckpt, runs, caplog):
+    """Served in bfloat16 (the GPUs' dtype): the experts hold exactly the checkpoint's bytes (1 per
+    weight plus float32 block scales; no dequantised copy), one log line gives the resident bytes, and
     the logits stay within the FP8 bound (bfloat16's own rounding, 2^-9, is far below e4m3's 2^-4)."""
     from dsserve import Engine
+    from dsserve.models.layers import RoutedExperts
 
+    E, I, D = SIZES["n_routed_experts"], SIZES["moe_intermediate_size"], SIZES["hidden_size"]
+    stored = E * (3 * I * D + 4 * (2 * (I // BLOCK) * (D // BLOCK) + (D // BLOCK) * (I // BLOCK)))
     with (caplog.at_level("INFO", logger="dsserve.loader"),
           Engine(model_path=str(ckpt[0]), device="cpu", dtype="bfloat16", max_total_tokens=1024) as eng):
-        assert eng.runner.model.layers[1].mlp.routed.w13.dtype == torch.bfloat16
+        for m in eng.runner.model.modules():
+            if isinstance(m, RoutedExperts):
+                held = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n.startswith("w"))
+                assert held == stored
         got = [_prompt_logits(eng, seq) for seq in runs.seqs]
-    lines = [r.getMessage() for r in caplog.records if "dequantised to bfloat16" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("weights: ")]
     assert len(lines) == 1, lines
-    assert "routed experts (fp8_block, 2 layers)" in lines[0] and "GiB" in lines[0]
+    assert f"routed experts {2 * stored / 2**20:.1f} MiB" in lines[0] and "fp8_block 128x128" in lines[0]
     err = _nerr(got, runs.oracle)
     print(f"\nbfloat16 W8A8 normalised logit error {err:.1e}")
     assert err < LOGIT_NERR
@@ -281,6 +298,10 @@ def test_without_activation_rounding_the_model_is_the_oracle(ckpt, runs):
         @hookimpl(tryfirst=True)
         def dsserve_linear_method(self, device, spec):
             return DequantizingFp8Linear(spec) if spec.quant == "fp8_block" else None
+
+        @hookimpl(tryfirst=True)
+        def dsserve_moe_backend(self, device, spec):
+            return DequantizingFp8MoE(spec) if spec.quant == "fp8_block" else None
 
     with serving_cpu(Dequantizing(), "dequantizing-fp8"), \
             Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024) as eng:
@@ -402,14 +423,12 @@ def _assert_absorbed(attn, w: torch.Tensor) -> None:
 
 
 def _stored_experts(m) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routed experts' weights as loaded ([E, 2I, D], [E, D, I]), from whatever layout the MoE
-    backend repacked them into."""
-    from dsserve.plugins.cpu.moe import CpuFusedMoE
-    from dsserve.plugins.cpu.packing import unpack
+    """The routed experts' real weights ([E, 2I, D], [E, D, I]) in float32, dequantised from the
+    checkpoint's format as stored."""
+    def real(w):
+        return torch.stack([m.format.dequantize({k: v[e] for k, v in w.items()}) for e in range(m.spec.num_experts)])
 
-    if isinstance(m.backend, CpuFusedMoE):
-        return unpack(m.w13, m.spec.hidden_size), unpack(m.w2, m.spec.intermediate_size)
-    return m.w13, m.w2
+    return real(m.w13), real(m.w2)
 
 
 def _ctx(rank: int, tp: int):
@@ -419,7 +438,7 @@ def _ctx(rank: int, tp: int):
     from dsserve.plugins.cpu import CpuDevice
 
     return LayerContext(device=CpuDevice(), registry=default_registry(), dtype=torch.float32,
-                        torch_device=torch.device("cpu"), quant="fp8_block", weight_block_size=(BLOCK, BLOCK),
+                        torch_device=torch.device("cpu"), quant=QuantConfig("fp8_block", (BLOCK, BLOCK)),
                         comm=SingleProcessCommunicator(rank=rank, world_size=tp))
 
 

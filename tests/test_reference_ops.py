@@ -587,10 +587,10 @@ def test_registry_falls_back_to_reference():
     assert isinstance(reg.attention_backend(dev, mha), ReferenceMHAAttention)
     assert isinstance(reg.moe_backend(dev, moe_spec("sigmoid", "noaux_tc", True)), ReferenceMoE)
     assert isinstance(reg.linear_method(dev, LinearSpec(4, 4, False, torch.float32)), UnquantizedLinear)
-    from dsserve.core.reference import ReferenceFp8BlockLinear
+    from dsserve.core.reference import ReferenceQuantizedLinear
 
     fp8 = LinearSpec(4, 4, False, torch.float32, quant="fp8_block")
-    assert isinstance(reg.linear_method(dev, fp8), ReferenceFp8BlockLinear)
+    assert isinstance(reg.linear_method(dev, fp8), ReferenceQuantizedLinear)
     with pytest.raises(DeviceError):  # a scheme no plugin serves
         reg.linear_method(dev, LinearSpec(4, 4, False, torch.float32, quant="int8_w8a8"))
     assert isinstance(reg.communicator(dev, None, 0, 1), SingleProcessCommunicator)

@@ -106,8 +106,7 @@ class Served:
 INACTIVE = ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--enable-torch-compile", "--torch-compile-max-bs", "8",
             "--cuda-graph-bs", "1,2,4", "--disable-overlap-schedule", "--speculative-algorithm", "EAGLE",
             "--speculative-num-steps", "3", "--disaggregation-mode", "prefill", "--attention-backend", "flashinfer",
-            "--dist-timeout", "3600", "--model-loader-extra-config", '{"enable_multithread_load": true}',
-            "--quantization", "fp8"]
+            "--dist-timeout", "3600", "--model-loader-extra-config", '{"enable_multithread_load": true}']
 
 
 def test_start_warnings_ready_line_and_sigterm_drains(tmp_path):
@@ -130,9 +129,9 @@ def test_start_warnings_ready_line_and_sigterm_drains(tmp_path):
     for flag in ("--tp 2", "--dp 2", "--enable-dp-attention", "--enable-torch-compile", "--torch-compile-max-bs 8",
                  "--cuda-graph-bs 1,2,4", "--disable-overlap-schedule", "--speculative-algorithm EAGLE",
                  "--speculative-num-steps 3", "--disaggregation-mode prefill", "--attention-backend flashinfer",
-                 "--dist-timeout 3600", "--model-loader-extra-config", "--quantization fp8"):
+                 "--dist-timeout 3600", "--model-loader-extra-config"):
         assert err.count(f"warning: {flag} is accepted but has no effect") == 1, (flag, err)
-    assert err.count("is accepted but has no effect") == 14
+    assert err.count("is accepted but has no effect") == 13
     assert "SIGTERM" in err and "dsserve stopped" in err
 
 

@@ -3,7 +3,8 @@
 Everything runs in Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported)
 on CPU tensors, in float32 and float16, on small random shapes: paged MLA decode (split-K, more
 splits than pages for short sequences), MLA extend with a cached prefix, paged MHA/GQA decode and
-extend, fused MoE, and the FP8 block GEMM (e4m3fn, and e4m3fnuz as the rocm plugin uses it).
+extend, fused MoE (float and FP8 block-scaled experts), and the FP8 block GEMM (e4m3fn, and
+e4m3fnuz as the rocm plugin uses it).
 Outputs and caches live inside larger sentinel-filled buffers, and every byte outside what a kernel
 may write is checked unchanged; cache slots the kernels must not read hold NaN.
 
@@ -25,7 +26,7 @@ triton = pytest.importorskip("triton")
 from dsserve.core.backends import AttentionSpec, LinearSpec, MoESpec
 from dsserve.core.forward_batch import AttentionMetadata
 from dsserve.core.reference import (
-    ReferenceFp8BlockLinear,
+    ReferenceQuantizedLinear,
     ReferenceMHAAttention,
     ReferenceMLAAttention,
     ReferenceMoE,
@@ -238,6 +239,63 @@ def test_mla_decode_fp8_cache():
     out = backend.forward_decode(q_lat, q_pe, latent, cache, lay.meta)
     assert out.dtype == torch.float32 and nerr(out, ref) < BOUND[torch.float32]
     lay.check_writes(cache, before, latent.to(fp8))
+
+
+@pytest.mark.parametrize("mode", ["decode", "extend"])
+def test_mla_fp8_cache_with_kv_scale(mode):
+    """A per-tensor kv_scale (cached = real / kv_scale): the writes store what the reference's
+    `to_cache` stores, and decode and the absorbed extend apply the scale as the reference does."""
+    from dsserve.core.reference import to_cache
+
+    gen = torch.Generator().manual_seed(5)
+    fp8, page_size, kv_scale, heads = torch.float8_e4m3fn, 16, 0.5, 4
+    extend = [1, 1] if mode == "decode" else [6, 3]
+    lay = Layout([9, 30], extend, page_size, gen)
+    spec = mla_spec(torch.float32, page_size, heads, cache_dtype=fp8)
+    spec = AttentionSpec(**{**spec.__dict__, "kv_scale": kv_scale})
+    cache32 = torch.empty(lay.num_pages, page_size, RANK + ROPE)
+    lay.fill(cache32, gen)
+    cache = to_cache(cache32, fp8, kv_scale)
+    tokens = sum(extend)
+    q_pe, latent = randn(gen, tokens, heads, ROPE, dtype=torch.float32), randn(gen, tokens, RANK + ROPE,
+                                                                               dtype=torch.float32)
+    reference, backend = ReferenceMLAAttention(spec), TritonMLAAttention(spec)
+    before = cache.clone()
+    if mode == "decode":
+        q_lat = randn(gen, tokens, heads, RANK, dtype=torch.float32)
+        ref = reference.forward_decode(q_lat, q_pe, latent, cache.clone(), lay.meta)
+        out = backend.forward_decode(q_lat, q_pe, latent, cache, lay.meta)
+    else:
+        q_nope = randn(gen, tokens, heads, NOPE, dtype=torch.float32)
+        w_kc = randn(gen, heads, NOPE, RANK, dtype=torch.float32, scale=RANK ** -0.5)
+        w_vc = randn(gen, heads, RANK, V_DIM, dtype=torch.float32, scale=RANK ** -0.5)
+        ref = reference.forward_extend(q_nope, q_pe, latent, cache.clone(), lay.meta, w_kc, w_vc)
+        out = backend.forward_extend(q_nope, q_pe, latent, cache, lay.meta, w_kc, w_vc)  # the absorbed path
+    assert nerr(out, ref) < BOUND[torch.float32]
+    lay.check_writes(cache, before, to_cache(latent, fp8, kv_scale))
+    # ignoring the scale would be far off: the stored latent is twice the real one
+    unscaled = AttentionSpec(**{**spec.__dict__, "kv_scale": 1.0})
+    if mode == "decode":
+        wrong = ReferenceMLAAttention(unscaled).forward_decode(q_lat, q_pe, latent, before.clone(), lay.meta)
+        assert nerr(wrong, ref) > 1e-2
+
+
+def test_attention_backends_without_fp8_kernels_decline_fp8_caches():
+    """What the cuda/rocm hooks consult: the MHA kernels and FlashMLA read no 8-bit cache and apply no
+    kv_scale, so such specs go to the reference; the MLA kernels read e4m3/e5m2 with any kv_scale."""
+    from dsserve.plugins.cuda import flashmla
+
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert "dtype" in TritonMHAAttention.unsupported(mha_spec(fp8, 16, 4, 2))
+        mla = AttentionSpec(kind="mla", num_heads=16, num_kv_heads=1, head_dim=192, v_head_dim=128, scale=0.1,
+                            dtype=fp8, page_size=64, kv_lora_rank=512, qk_rope_head_dim=64)
+        assert "cache dtype" in flashmla.unsupported(mla)
+        assert TritonMLAAttention.unsupported(AttentionSpec(**{**mla.__dict__, "kv_scale": 0.25})) is None
+    scaled = AttentionSpec(**{**mha_spec(torch.bfloat16, 16, 4, 2).__dict__, "kv_scale": 2.0})
+    assert "kv_scale" in TritonMHAAttention.unsupported(scaled)
+    mla16 = AttentionSpec(kind="mla", num_heads=16, num_kv_heads=1, head_dim=192, v_head_dim=128, scale=0.1,
+                          dtype=torch.bfloat16, page_size=64, kv_lora_rank=512, qk_rope_head_dim=64, kv_scale=2.0)
+    assert "kv_scale" in flashmla.unsupported(mla16)
 
 
 # Ragged extend batch: a fresh prompt, a prefix-cached chunk crossing page boundaries, a one-token
@@ -456,7 +514,7 @@ FP8_SHAPES = [  # (out, in, tokens, block, bias): ragged N and K at 128x128; sma
 def test_fp8_block_linear(dtype, n, k, m, block, bias):
     gen = torch.Generator().manual_seed(n + m)
     spec = LinearSpec(k, n, bias, dtype, quant="fp8_block", weight_block_size=block)
-    ref_method = ReferenceFp8BlockLinear(spec)
+    ref_method = ReferenceQuantizedLinear(spec)
     params = fp8_params(ref_method, gen)
     shapes = {name: (t.shape, t.dtype) for name, t in params.items()}
     method = Fp8BlockLinear(spec)
@@ -477,7 +535,7 @@ def test_fp8_block_linear(dtype, n, k, m, block, bias):
 
 
 def test_fp8_gemm_output_guard():
-    from dsserve.core.reference.fp8_linear import quantize_per_token_group
+    from dsserve.core.quant import quantize_per_token_group
 
     gen = torch.Generator().manual_seed(9)
     m, n, k = 7, 40, 96
@@ -526,7 +584,9 @@ def test_gpu_plugins_choose_triton_backends_for_their_device():
         assert type(plugin.dsserve_moe_backend(device=device, spec=moe_spec(torch.bfloat16, 8, 2, 32, 24))) \
             is TritonMoE
         fp8_moe = MoESpec(**{**moe_spec(torch.bfloat16, 8, 2, 32, 24).__dict__, "quant": "fp8_block"})
-        assert plugin.dsserve_moe_backend(device=device, spec=fp8_moe) is None
+        assert type(plugin.dsserve_moe_backend(device=device, spec=fp8_moe)) is TritonMoE
+        int8_moe = MoESpec(**{**fp8_moe.__dict__, "quant": "int8_block"})
+        assert plugin.dsserve_moe_backend(device=device, spec=int8_moe) is None
         assert plugin.dsserve_linear_method(device=device, spec=LinearSpec(8, 8, False, torch.bfloat16)) is None
     fp8 = LinearSpec(256, 128, False, torch.bfloat16, quant="fp8_block", weight_block_size=(128, 128))
     assert type(cuda_plugin.dsserve_linear_method(device=cuda, spec=fp8)) is Fp8BlockLinear
@@ -559,18 +619,18 @@ def test_fnuz_gemm_matches_the_e4m3fn_model():
     gen = torch.Generator().manual_seed(2)
     spec = LinearSpec(200, 72, True, torch.float32, quant="fp8_block", weight_block_size=(128, 128))
     method = Fp8BlockLinearFnuz(spec)
-    params = fp8_params(ReferenceFp8BlockLinear(spec), gen)
+    params = fp8_params(ReferenceQuantizedLinear(spec), gen)
     loaded = method.process_weights_after_loading(dict(params))
     assert loaded["weight"].dtype == torch.float8_e4m3fnuz
     x = torch.randn(6, 200, generator=gen)
-    ref_fnuz = ReferenceFp8BlockLinear(spec)
-    ref_fnuz.act_dtype = torch.float8_e4m3fnuz
+    ref_fnuz = ReferenceQuantizedLinear(spec)
+    ref_fnuz.format.storage = torch.float8_e4m3fnuz  # activations rounded to e4m3fnuz, as the rocm kernel does
     for upcast in (False, True):
         method.upcast = upcast
         out = method.apply(loaded, x)
         assert nerr(out, ref_fnuz.apply(loaded, x)) < BOUND[torch.float32]
     # and it computes the same layer as the e4m3fn checkpoint, up to activation rounding
-    assert nerr(out, ReferenceFp8BlockLinear(spec).apply(params, x)) < 5e-3
+    assert nerr(out, ReferenceQuantizedLinear(spec).apply(params, x)) < 5e-3
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -609,3 +669,130 @@ def test_tiny_model_greedy_output_matches_the_reference():
         out = [o.token_ids for o in engine.generate(prompts, sampling_params=params)]
     assert served == {"TritonMLAAttention", "TritonMoE"}
     assert out == ref and all(len(t) == 8 for t in out)
+
+
+# ------------------------------------------------------------------------------- FP8 MoE experts
+
+# fp8_block experts against ReferenceMoE with the same spec. Both quantize every GEMM input with
+# `quantize_per_token_group` (the hidden states identically; the intermediate silu(gate) * up from
+# their own float32 GEMMs) and multiply the same 8-bit values, so what differs is the summation
+# order (nerr ~1e-13 in float32), the float16 output's rounding (per pair before the k-sum here,
+# per token there: ~1e-7), and, rarely, an intermediate element that lies within float32 rounding
+# of an e4m3 rounding midpoint and rounds the other way in one of them (one such flip measured
+# 2e-8 over 12 seeds per shape). The upcast changes nothing: e4m3 -> float16 is exact. Bounds with
+# margin over all of that; a wrong scale row or column, a missing activation rounding or a lost
+# block is 1e-4 or more.
+FP8_MOE_BOUND = {torch.float32: 1e-6, torch.float16: 1e-5}
+FP8_MOE_SHAPES = [  # (tokens, experts, top_k, hidden, inter)
+    (40, 8, 3, 256, 128),  # I a multiple of the 128 block: gate and up in separate scale rows
+    (1, 8, 2, 256, 128),  # one decode token
+    (40, 8, 3, 200, 64),  # 2I = 128: one scale row holds an expert's gate and up; ragged hidden
+]
+
+
+def fp8_moe_case(dtype, tokens, experts, top_k, hidden, inter, seed, block=(128, 128)):
+    """(spec, x, topk_weights, topk_ids, w13, w2, float experts): each expert's float weights quantized
+    by the format as a checkpoint stores them; the router favours experts 0 and 1 and (top_k 3) gives
+    the last one to the first token only, so the pair counts are skewed (several row blocks for some
+    experts, one mostly padded block for others)."""
+    from dsserve.core.quant import weight_format
+
+    gen = torch.Generator().manual_seed(seed)
+    spec = MoESpec(**{**moe_spec(dtype, experts, top_k, hidden, inter).__dict__, "quant": "fp8_block",
+                      "weight_block_size": block})
+    fmt = weight_format("fp8_block", block)
+    dense13 = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden ** -0.5
+    dense2 = torch.randn(experts, hidden, inter, generator=gen) * inter ** -0.5
+
+    def stored(dense):
+        per_expert = [fmt.quantize(w) for w in dense]
+        return {name: torch.stack([q[name] for q in per_expert]) for name in per_expert[0]}
+
+    w13, w2 = stored(dense13), stored(dense2)
+    floats = tuple(torch.stack([fmt.dequantize({n: t[e] for n, t in w.items()}) for e in range(experts)])
+                   for w in (w13, w2))
+    x = randn(gen, tokens, hidden, dtype=dtype)
+    logits = torch.randn(tokens, experts, generator=gen)
+    logits[:, 0] += 3.0
+    logits[:, 1] += 1.5
+    logits[:, -1] -= 4.0
+    logits[0, -1] += 8.0  # the last expert: the first token only
+    weights, ids = ReferenceMoE(spec).select_experts(logits, torch.randn(experts, generator=gen) * 0.1)
+    return spec, x, weights, ids, w13, w2, floats
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", FP8_MOE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_fused_moe_fp8_block(dtype, tokens, experts, top_k, hidden, inter):
+    spec, x, weights, ids, w13, w2, floats = fp8_moe_case(dtype, tokens, experts, top_k, hidden, inter,
+                                                          seed=tokens + inter)
+    assert spec.weight_block_size == (128, 128) and w13["weight"].dtype == torch.float8_e4m3fn
+    assert w13["weight_scale_inv"].shape == (experts, -(-2 * inter // 128), -(-hidden // 128))
+    if tokens > 1:  # skewed: some expert spans several 16-row blocks, another gets a single pair
+        counts = torch.bincount(ids.reshape(-1), minlength=experts)
+        assert counts.max() > 16 and counts[-1] == 1
+    ref = ReferenceMoE(spec).compute_experts(x, weights, ids, w13, w2)
+    backend = TritonMoE(spec)
+    assert backend.process_weights_after_loading(w13, w2) == (w13, w2)  # e4m3fn kept off MI300
+    outs = {}
+    for upcast in (False, True):  # 8-bit operands straight into tl.dot, or their bytes widened to float16
+        backend.upcast = upcast
+        outs[upcast] = backend.compute_experts(x, weights, ids, w13, w2)
+        assert outs[upcast].dtype == dtype and outs[upcast].shape == (tokens, hidden)
+        assert nerr(outs[upcast], ref) < FP8_MOE_BOUND[dtype], upcast
+    assert torch.equal(outs[False], outs[True])  # the byte upcast is exact
+    # the quantized layer is close to the float one (the format is right, not just consistent)
+    dense_spec = moe_spec(torch.float32, experts, top_k, hidden, inter)
+    dense = ReferenceMoE(dense_spec).compute_experts(x.float(), weights, ids, *floats)
+    assert nerr(outs[False], dense) < 5e-3
+    if tokens > 1:  # the entry point writes nothing outside a strided output view
+        big, view = guarded((tokens, hidden), dtype)
+        fused_moe(x, w13, w2, weights, ids, out=view, block=(128, 128), upcast=True)
+        assert torch.equal(view, outs[True])
+        assert_guard_intact(big, (tokens, hidden))
+
+
+def test_fused_moe_fp8_small_blocks():
+    """64x32 blocks: bn below the kernels' BLOCK_N (each column reads its own scale row) and several
+    scale groups along K."""
+    spec, x, weights, ids, w13, w2, _ = fp8_moe_case(torch.float32, 9, 4, 2, 96, 48, seed=7, block=(64, 32))
+    assert w13["weight_scale_inv"].shape == (4, 2, 3) and w2["weight_scale_inv"].shape == (4, 2, 2)
+    ref = ReferenceMoE(spec).compute_experts(x, weights, ids, w13, w2)
+    assert nerr(TritonMoE(spec).compute_experts(x, weights, ids, w13, w2), ref) < FP8_MOE_BOUND[torch.float32]
+
+
+def test_fused_moe_fp8_fnuz():
+    """The MI300 (gfx94x) path: the e4m3fn experts are converted to e4m3fnuz after loading (same
+    bytes, scales doubled) and activations quantized to e4m3fnuz."""
+    spec, x, weights, ids, w13, w2, _ = fp8_moe_case(torch.float32, 17, 8, 3, 200, 64, seed=3)
+    backend = TritonMoE(spec)
+    backend.fp8_dtype = torch.float8_e4m3fnuz
+    l13, l2 = backend.process_weights_after_loading(w13, w2)
+    for loaded, stored in ((l13, w13), (l2, w2)):
+        assert loaded["weight"].dtype == torch.float8_e4m3fnuz
+        assert torch.equal(loaded["weight_scale_inv"], stored["weight_scale_inv"] * 2)
+    ref_fnuz = ReferenceMoE(spec)
+    ref_fnuz.format.storage = torch.float8_e4m3fnuz  # activations rounded to e4m3fnuz, as the kernels do
+    ref = ref_fnuz.compute_experts(x, weights, ids, l13, l2)
+    for upcast in (False, True):
+        backend.upcast = upcast
+        out = backend.compute_experts(x, weights, ids, l13, l2)
+        assert nerr(out, ref) < FP8_MOE_BOUND[torch.float32], upcast
+    # the same layer as the e4m3fn checkpoint, up to the activations' rounding grid: two different
+    # e4m3 roundings of every GEMM input, each ~2e-3 from the float layer (3.6e-3 measured)
+    assert nerr(out, ReferenceMoE(spec).compute_experts(x, weights, ids, w13, w2)) < 1e-2
+
+
+def test_triton_moe_accepts_fp8_block_only():
+    base = moe_spec(torch.bfloat16, 8, 2, 256, 128)
+
+    def quant(name, block=None):
+        return MoESpec(**{**base.__dict__, "quant": name, "weight_block_size": block})
+
+    for block in (None, (128, 128), (64, 32), (1, 16)):
+        assert TritonMoE.unsupported(quant("fp8_block", block)) is None, block
+    for block in ((128, 96), (128, 8)):
+        assert "power of two" in TritonMoE.unsupported(quant("fp8_block", block)), block
+    for name in ("int8_block", "int8_channel", "awq"):
+        assert name in TritonMoE.unsupported(quant(name, (1, 128) if name == "awq" else None))
+    assert "dtype" in TritonMoE.unsupported(MoESpec(**{**quant("fp8_block").__dict__, "dtype": torch.float64}))

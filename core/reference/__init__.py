@@ -7,23 +7,26 @@ from __future__ import annotations
 
 from ..backends import AttentionSpec, Device, LinearSpec, MoESpec
 from ..hookspecs import hookimpl
-from .attention import ReferenceMHAAttention, ReferenceMLAAttention, write_cache
+from ..quant import FORMATS
+from .attention import ReferenceMHAAttention, ReferenceMLAAttention, from_cache, to_cache, write_cache
 from .communicator import SingleProcessCommunicator, TorchDistributedCommunicator, torch_communicator
-from .fp8_linear import Fp8BlockWeights, ReferenceFp8BlockLinear
 from .linear import UnquantizedLinear
 from .moe import ReferenceMoE, select_experts
+from .quant_linear import QuantizedWeights, ReferenceQuantizedLinear
 
 __all__ = [
-    "Fp8BlockWeights",
-    "ReferenceFp8BlockLinear",
     "ReferenceMHAAttention",
     "ReferenceMLAAttention",
     "ReferenceMoE",
+    "QuantizedWeights",
+    "ReferenceQuantizedLinear",
     "SingleProcessCommunicator",
     "TorchDistributedCommunicator",
     "torch_communicator",
     "UnquantizedLinear",
+    "from_cache",
     "select_experts",
+    "to_cache",
     "write_cache",
 ]
 
@@ -39,17 +42,14 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec):
 
 @hookimpl(trylast=True)
 def dsserve_moe_backend(device: Device, spec: MoESpec):
-    # compute_experts multiplies the weights as given; quantized experts need their own backend.
-    return ReferenceMoE(spec) if spec.quant == "none" else None
+    return ReferenceMoE(spec) if spec.quant == "none" or spec.quant in FORMATS else None
 
 
 @hookimpl(trylast=True)
 def dsserve_linear_method(device: Device, spec: LinearSpec):
     if spec.quant == "none":
         return UnquantizedLinear(spec)
-    if spec.quant == "fp8_block":
-        return ReferenceFp8BlockLinear(spec)
-    return None
+    return ReferenceQuantizedLinear(spec) if spec.quant in FORMATS else None
 
 
 @hookimpl(trylast=True)

@@ -4,6 +4,11 @@ Extend loops over sequences (each has its own prefix and causal mask) and lets
 `scaled_dot_product_attention` do the work; decode pads every sequence's context to the longest one
 and runs the batch in a few batched calls. Half-precision tensors are computed in float32: the
 reference is an oracle first, and a subclass that prefers speed can set `upcast_half = False`.
+
+The cache may be in another dtype than the queries (an 8-bit float cache, `--kv-cache-dtype
+fp8_e4m3`): new tokens are written through `to_cache` (divided by the spec's kv_scale, clamped,
+converted) and every gathered context is read back through `from_cache` into the compute dtype, so
+the attention itself never sees the cache's format.
 """
 from __future__ import annotations
 
@@ -36,10 +41,40 @@ class _DecodePlan:
     valid: torch.Tensor  # [B, L] bool
 
 
-def write_cache(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
-    """The new tokens' rows into the flat cache at slots `loc` (meta.out_cache_loc)."""
-    rows = rows.to(flat.dtype)
-    if flat.is_floating_point() and flat.element_size() == 1:
+def is_fp8(dtype: torch.dtype) -> bool:
+    """An 8-bit float format (e4m3, e5m2): a cache dtype, never a compute dtype."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def to_cache(rows: torch.Tensor, dtype: torch.dtype, kv_scale: float = 1.0) -> torch.Tensor:
+    """Real values as a cache in `dtype` stores them: rows / kv_scale (see `AttentionSpec.kv_scale`).
+
+    8-bit floats are clamped to the format's largest finite value first: e4m3fn has no infinity, and
+    where a conversion does not saturate a value past 448 becomes NaN, which would poison every
+    later score of the sequence; e5m2 would give inf. The division runs in float32 (float64 for the
+    oracle) so that a half-precision row is rounded once, to the cache's format."""
+    if kv_scale == 1.0 and not is_fp8(dtype):
+        return rows.to(dtype)
+    x = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    if kv_scale != 1.0:
+        x = x / kv_scale
+    if is_fp8(dtype):
+        bound = torch.finfo(dtype).max
+        x = x.clamp(-bound, bound)
+    return x.to(dtype)
+
+
+def from_cache(stored: torch.Tensor, dtype: torch.dtype, kv_scale: float = 1.0) -> torch.Tensor:
+    """Cached elements as real values in `dtype`: stored * kv_scale."""
+    x = stored.to(dtype)
+    return x if kv_scale == 1.0 else x * kv_scale  # not in place: `to` may have returned `stored`
+
+
+def write_cache(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor, kv_scale: float = 1.0) -> None:
+    """The new tokens' rows into the flat cache at slots `loc` (meta.out_cache_loc), stored as
+    `to_cache` says."""
+    rows = to_cache(rows, flat.dtype, kv_scale)
+    if is_fp8(flat.dtype):
         # 8-bit float caches: index_copy_ has no kernel for them on every backend; bytes do.
         flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
     flat.index_copy_(0, loc, rows)
@@ -131,6 +166,17 @@ class _ReferenceAttention:
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if (self.upcast_half and dtype in _HALF) else dtype
 
+    def _write(self, flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
+        write_cache(flat, loc, rows, self.spec.kv_scale)
+
+    def _read(self, flat: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The cache rows at `slots` as real values in the compute dtype."""
+        if is_fp8(flat.dtype):  # gathered as bytes, as written: index_select may lack float8 kernels too
+            rows = flat.view(torch.uint8).index_select(0, slots).view(flat.dtype)
+        else:
+            rows = flat.index_select(0, slots)
+        return from_cache(rows, dtype, self.spec.kv_scale)
+
 
 class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
     """MLA over the latent cache: extend expands to per-head K/V, decode stays in latent space."""
@@ -139,7 +185,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         s = self.spec
         rank = s.kv_lora_rank
         flat = cache.view(-1, cache.shape[-1])
-        write_cache(flat, meta.out_cache_loc, latent)
+        self._write(flat, meta.out_cache_loc, latent)
         cd = self._compute_dtype(q_nope.dtype)
         heads = q_nope.shape[1]
         out = q_nope.new_empty(q_nope.shape[0], heads, w_vc.shape[-1])
@@ -147,7 +193,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         w_vc_c = w_vc.to(cd)  # [H, kv_lora_rank, v]
         for seq in self._plans.extend(meta):
             rows = slice(seq.start, seq.start + seq.length)
-            ctx = flat.index_select(0, seq.slots).to(cd)  # [L, rank + rope]
+            ctx = self._read(flat, seq.slots, cd)  # [L, rank + rope]
             c, k_pe = ctx[:, :rank], ctx[:, rank:]
             k_nope = torch.matmul(c, w_kc_t)  # [H, L, nope]
             v = torch.matmul(c, w_vc_c)  # [H, L, v]
@@ -163,7 +209,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         s = self.spec
         rank = s.kv_lora_rank
         flat = cache.view(-1, cache.shape[-1])
-        write_cache(flat, meta.out_cache_loc, latent)
+        self._write(flat, meta.out_cache_loc, latent)
         plan = self._plans.decode(meta)
         cd = self._compute_dtype(q_latent.dtype)
         q = torch.cat([q_latent, q_pe], dim=-1).to(cd)  # [B, H, D]
@@ -172,7 +218,7 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         out = q_latent.new_empty(batch, heads, rank)
         for b0, b1 in _chunks(batch, longest, width):
             n = b1 - b0
-            ctx = flat.index_select(0, plan.slots[b0:b1].reshape(-1)).view(n, longest, width).to(cd)
+            ctx = self._read(flat, plan.slots[b0:b1].reshape(-1), cd).view(n, longest, width)
             scores = torch.matmul(q[b0:b1], ctx.transpose(1, 2)).mul_(s.scale)  # [n, H, L]
             scores.masked_fill_(~plan.valid[b0:b1, None, :], float("-inf"))
             probs = _softmax(scores)
@@ -187,8 +233,8 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
         k_cache, v_cache = cache
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
-        write_cache(k_flat, meta.out_cache_loc, k)
-        write_cache(v_flat, meta.out_cache_loc, v)
+        self._write(k_flat, meta.out_cache_loc, k)
+        self._write(v_flat, meta.out_cache_loc, v)
         return k_flat, v_flat
 
     def forward_extend(self, q, k, v, cache, meta):
@@ -199,8 +245,8 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
         out = q.new_empty(q.shape[0], heads, v_flat.shape[-1])
         for seq in self._plans.extend(meta):
             rows = slice(seq.start, seq.start + seq.length)
-            keys = k_flat.index_select(0, seq.slots).to(cd).transpose(0, 1)  # [Hkv, L, D]
-            vals = v_flat.index_select(0, seq.slots).to(cd).transpose(0, 1)  # [Hkv, L, Dv]
+            keys = self._read(k_flat, seq.slots, cd).transpose(0, 1)  # [Hkv, L, D]
+            vals = self._read(v_flat, seq.slots, cd).transpose(0, 1)  # [Hkv, L, Dv]
             if group > 1:  # query head h reads KV head h // group
                 keys = keys.repeat_interleave(group, dim=0)
                 vals = vals.repeat_interleave(group, dim=0)
@@ -227,8 +273,8 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
         for b0, b1 in _chunks(batch, longest, kv_heads * (dim + dim_v)):
             n = b1 - b0
             idx = plan.slots[b0:b1].reshape(-1)
-            keys = k_flat.index_select(0, idx).to(cd).view(n, longest, kv_heads, dim).transpose(1, 2)
-            vals = v_flat.index_select(0, idx).to(cd).view(n, longest, kv_heads, dim_v).transpose(1, 2)
+            keys = self._read(k_flat, idx, cd).view(n, longest, kv_heads, dim).transpose(1, 2)
+            vals = self._read(v_flat, idx, cd).view(n, longest, kv_heads, dim_v).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qg[b0:b1], keys, vals, attn_mask=plan.valid[b0:b1, None, None, :], scale=self.spec.scale
             )  # [n, Hkv, group, Dv]

@@ -2,7 +2,8 @@
 
 Routing follows the published DeepSeek checkpoints (the same arithmetic as Hugging Face's
 DeepseekV2/V3 routers), because every plugin's routing must pick exactly these experts. Expert
-compute groups tokens by expert so each expert costs two GEMMs, however many tokens it gets.
+compute groups tokens by expert so each expert costs two GEMMs, however many tokens it gets;
+quantized experts (every format of `dsserve.core.quant`) are computed as stored.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import MoEBackend, MoESpec
+from ..quant import weight_format
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -62,14 +64,28 @@ def select_experts(
 
 
 class ReferenceMoE(MoEBackend):
-    """Unquantized experts; routing by `select_experts`."""
+    """Routing by `select_experts`; each expert's tokens in two GEMMs. Quantized experts stay as
+    stored and are dequantised one expert at a time (float32 temporaries of one expert, never the
+    layer), their inputs rounded as the scheme rounds activations, as `ReferenceQuantizedLinear`."""
+
+    def __init__(self, spec: MoESpec):
+        super().__init__(spec)
+        self.format = weight_format(spec.quant, spec.weight_block_size) if spec.quant != "none" else None
 
     def select_experts(self, router_logits, correction_bias):
         return select_experts(router_logits, correction_bias, self.spec)
 
+    def _gemm(self, x: torch.Tensor, w, expert: int) -> torch.Tensor:
+        """x [n, in] @ expert's weight^T; w a stacked tensor (x enters in its dtype, as kernels take
+        it), or a quantized format's dict of them."""
+        if self.format is None:
+            return torch.matmul(x.to(w.dtype), w[expert].t())
+        weight = self.format.dequantize({name: t[expert] for name, t in w.items()})
+        return self.format.round_activations(x.float()) @ weight.t()
+
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
         tokens, k = topk_ids.shape
-        acc_dtype = torch.float32 if hidden.dtype in _HALF else hidden.dtype
+        acc_dtype = torch.float32 if hidden.dtype in _HALF or self.format else hidden.dtype
         out = torch.zeros(tokens, hidden.shape[1], dtype=acc_dtype, device=hidden.device)
         if tokens == 0:
             return out.to(hidden.dtype)
@@ -77,8 +93,8 @@ class ReferenceMoE(MoEBackend):
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // k  # token of each (token, expert) pair, grouped by expert
         weight_of = topk_weights.reshape(-1)[order].to(acc_dtype)
-        counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-        inter = w13.shape[1] // 2
+        counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+        inter = self.spec.intermediate_size
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -86,9 +102,8 @@ class ReferenceMoE(MoEBackend):
             rows = slice(start, start + count)
             start += count
             tok = token_of[rows]
-            x = hidden.index_select(0, tok).to(w13.dtype)
-            gate_up = torch.matmul(x, w13[expert].t())  # [n, 2 * inter]
+            gate_up = self._gemm(hidden.index_select(0, tok), w13, expert)  # [n, 2 * inter]
             act = F.silu(gate_up[:, :inter].to(acc_dtype)) * gate_up[:, inter:].to(acc_dtype)
-            y = torch.matmul(act.to(w2.dtype), w2[expert].t()).to(acc_dtype)
+            y = self._gemm(act, w2, expert).to(acc_dtype)
             out.index_add_(0, tok, y * weight_of[rows, None])
         return out.to(hidden.dtype)

@@ -7,6 +7,7 @@ import torch
 
 from dsserve.core.backends import AttentionBackend, AttentionSpec, Communicator, Device, MoEBackend, MoESpec
 from dsserve.core.plugins import PluginRegistry
+from dsserve.core.quant import QuantConfig
 
 
 @dataclass
@@ -18,10 +19,15 @@ class LayerContext:
     dtype: torch.dtype
     torch_device: torch.device
     comm: Communicator
-    quant: str = "none"
-    weight_block_size: tuple[int, int] | None = None  # the checkpoint's quantization_config says
+    quant: QuantConfig = field(default_factory=QuantConfig)  # how linears and experts are stored
     page_size: int | None = None
+    kv_cache_dtype: torch.dtype | None = None  # None: the compute dtype (`cache_dtype`)
     _attention: dict = field(default_factory=dict)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, which attention specs carry (an fp8 cache halves a bf16 one)."""
+        return self.kv_cache_dtype or self.dtype
 
     @property
     def tp_rank(self) -> int:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dsserve.core.backends import LinearSpec
+from dsserve.core.quant import weight_format
 
 from .checkpoint import CheckpointModule, LoadTarget
 from .context import LayerContext
@@ -17,7 +18,10 @@ class Linear(CheckpointModule):
     features and all-reduces the partial sums. `parts` merges several checkpoint tensors stacked
     along the output dim (e.g. gate_proj + up_proj -> gate_up_proj): {checkpoint name: out size}.
     Every tensor of the method (weight, bias, block scales) is split in the units its
-    `LinearMethod.param_block` gives, so a part or shard boundary must fall on a block boundary.
+    `LinearMethod.param_block` gives, along the dims its `param_dims` gives, so a part or shard
+    boundary must fall on a block boundary. `quant="none"` keeps a layer unquantized whatever the
+    checkpoint's format (lm_head). When the checkpoint is float and the format is made at load
+    (`QuantConfig.online`), the layer loads the float weight and quantizes it in `post_load`.
     """
 
     def __init__(
@@ -37,25 +41,41 @@ class Linear(CheckpointModule):
         elif parallel == "row":
             in_features = ctx.shard(in_features, "input features")
         self.parts = {k: (v // ctx.tp_size if parallel == "column" else v) for k, v in (parts or {}).items()}
-        quant = quant or ctx.quant
-        spec = LinearSpec(in_features, out_features, bias, ctx.dtype, quant,
-                          ctx.weight_block_size if quant != "none" else None)
+        fmt = ctx.quant.format if quant is None else quant
+        spec = LinearSpec(in_features, out_features, bias, ctx.dtype, fmt,
+                          ctx.quant.block if fmt != "none" else None)
         self.method = ctx.registry.linear_method(ctx.device, spec)
+        self.online = ctx.quant.online and fmt != "none"
         self.params = nn.ParameterDict()
         with ctx.torch_device:  # methods allocate on the default device
-            weights = self.method.create_weights()
+            weights = self._float_weights(spec) if self.online else self.method.create_weights()
         for name, t in weights.items():
             self.params[name] = nn.Parameter(t, requires_grad=False)
         self.out_features = out_features
-        self._check_boundaries()
+        if not self.online:  # quantized at load, the merged or sharded weight gets its own block grid
+            self._check_boundaries()
+
+    @staticmethod
+    def _float_weights(spec: LinearSpec) -> dict[str, torch.Tensor]:
+        """The tensors of a float checkpoint, loaded before the layer quantizes them."""
+        params = {"weight": torch.empty(spec.out_features, spec.in_features, dtype=spec.dtype)}
+        if spec.bias:
+            params["bias"] = torch.empty(spec.out_features, dtype=spec.dtype)
+        return params
+
+    def _layout(self, pname: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(param_block, param_dims) of a loaded tensor: the method's, or plain for a float weight."""
+        if self.online:
+            return (1, 1), (0, 1)
+        return self.method.param_block(pname), self.method.param_dims(pname)
 
     def _check_boundaries(self) -> None:
-        """Refuse a merged part or a tensor-parallel shard that would split a block of some tensor
-        (a block scale cannot be cut in two): raise ValueError saying which and why."""
+        """Refuse a merged part or a tensor-parallel shard that would split a block of some stored
+        tensor (a block scale cannot be cut in two): raise ValueError saying which and why."""
         spec, tp = self.method.spec, self.ctx.tp_size
         for pname in self.params:
             rows, cols = self.method.param_block(pname)
-            what = f"{pname} (one element per {rows}x{cols} weight block, {spec.quant})"
+            what = f"{pname} (one element per {rows}x{cols or 'all'} weight block, {spec.quant})"
             sizes = list(self.parts.items())
             if tp > 1 and self.parallel == "column":
                 for part, size in sizes or [("output features", spec.out_features)]:
@@ -63,7 +83,7 @@ class Linear(CheckpointModule):
                         raise ValueError(
                             f"{part}: the {size} rows of one tensor-parallel shard (of {tp}) split a block of "
                             f"{what}; the shard must be a multiple of {rows} rows")
-            if tp > 1 and self.parallel == "row" and spec.in_features % cols and self.params[pname].dim() == 2:
+            if tp > 1 and self.parallel == "row" and cols and spec.in_features % cols:
                 raise ValueError(
                     f"input features: the {spec.in_features} columns of one tensor-parallel shard (of {tp}) "
                     f"split a block of {what}; the shard must be a multiple of {cols} columns")
@@ -76,22 +96,28 @@ class Linear(CheckpointModule):
     def load_targets(self) -> dict[str, LoadTarget]:
         targets = {}
         for pname, p in self.params.items():
-            # dim 0 follows the output features, dim 1 (2-D tensors) the input features
-            dim = {"column": 0, "row": 1 if p.dim() == 2 else None}.get(self.parallel)
+            (rows, cols), (out_dim, in_dim) = self._layout(pname)
+            if p.dim() == 1:
+                out_dim, in_dim = 0, None
+            # a per-row scale ([out, 1], cols 0) is whole on every row shard
+            dim = {"column": out_dim, "row": in_dim if cols else None}.get(self.parallel)
             if not self.parts:
                 targets[pname] = LoadTarget(p, (), dim)
                 continue
-            rows = self.method.param_block(pname)[0]
             start = 0
             for part, size in self.parts.items():
                 # in units of this tensor's elements: whole blocks, the last part's may be partial
-                index = (slice(start // rows, -(-(start + size) // rows)),)
+                index = (slice(None),) * out_dim + (slice(start // rows, -(-(start + size) // rows)),)
                 targets[f"{part}.{pname}"] = LoadTarget(p, index, dim)
                 start += size
         return targets
 
     def post_load(self) -> None:
-        new = self.method.process_weights_after_loading(dict(self.params))
+        params = dict(self.params)
+        if self.online:
+            params = {**weight_format(self.method.spec.quant, self.method.spec.weight_block_size).quantize(
+                params.pop("weight")), **params}
+        new = self.method.process_weights_after_loading(params)
         self.params = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in new.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ for itself.
 """
 from __future__ import annotations
 
+import logging
+
 from dsserve.core.backends import (
     AttentionBackend,
     AttentionSpec,
@@ -31,6 +33,7 @@ from .device import CpuDevice
 __all__ = ["CpuDevice"]
 
 DEVICE_NAME = CpuDevice.name
+_said: set[str] = set()
 
 
 @hookimpl
@@ -46,8 +49,12 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
     from .attention import CpuMLAAttention, unsupported
 
     kernels = native.kernels()
-    if kernels is not None and unsupported(spec) is None:
+    reason = unsupported(spec)
+    if kernels is not None and reason is None:
         return CpuMLAAttention(spec, kernels, native.isa())
+    if kernels is not None and spec.kind == "mla" and spec.fp8_cache and reason not in _said:
+        _said.add(reason)  # once per process, not per layer: the start-up log says who serves the cache
+        logging.getLogger("dsserve").info("cpu: MLA attention by the torch reference (%s)", reason)
     if spec.kind == "mla":
         return ReferenceMLAAttention(spec)
     if spec.kind == "mha":

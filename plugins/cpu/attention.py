@@ -21,6 +21,12 @@ CHUNKS_PER_THREAD = 2
 def unsupported(spec: AttentionSpec) -> str | None:
     if spec.kind != "mla":
         return f"{spec.kind} attention"
+    if spec.fp8_cache:
+        # The decode kernel reads the cache rows as bf16 or fp32 (and packs the weights in the cache's
+        # dtype); the reference serves an 8-bit float cache.
+        return f"{str(spec.dtype).removeprefix('torch.')} cache: the C++ MLA decode reads bfloat16 or float32 ones"
+    if spec.kv_scale != 1.0:
+        return f"kv_scale {spec.kv_scale}: the C++ MLA decode reads the cache unscaled"
     nope = spec.head_dim - spec.qk_rope_head_dim
     for n, k in ((spec.kv_lora_rank, nope), (spec.v_head_dim, spec.kv_lora_rank)):
         reason = packable(n, k, spec.dtype)

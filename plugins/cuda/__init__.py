@@ -5,7 +5,8 @@ What it provides:
 * attention: MLA decode by FlashMLA when `flash_mla` is importable, the GPU is Hopper (sm_90) and the
   spec fits it (bfloat16/float16 cache, 512+64 latent, page size 64); otherwise, and for extend,
   the shared Triton kernels (`dsserve.plugins.triton_kernels`); MHA/GQA by the Triton kernels;
-* MoE: the Triton fused-MoE kernel (unquantized experts); routing by the reference's torch ops;
+* MoE: the Triton fused-MoE kernel (unquantized and FP8 block-scaled experts, W8A8 like the linears;
+  other formats by the reference); routing by the reference's torch ops;
 * linear: FP8 block-scaled GEMMs by DeepGEMM when `deep_gemm` is importable, the GPU is sm_90 and the
   call is bfloat16 with 128x128 blocks; otherwise the Triton FP8 kernel. Unquantized GEMMs are left
   to the reference (`F.linear`, i.e. cuBLAS);

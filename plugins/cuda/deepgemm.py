@@ -15,7 +15,7 @@ to the Triton kernel of `Fp8BlockLinear`.
 from __future__ import annotations
 
 import torch
-from dsserve.core.reference.fp8_linear import block_size, quantize_per_token_group
+from dsserve.core.quant import quantize_per_token_group
 from dsserve.plugins.triton_kernels import Fp8BlockLinear
 
 
@@ -32,7 +32,7 @@ class DeepGemmFp8Linear(Fp8BlockLinear):
     def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         weight, scale = params["weight"], params["weight_scale_inv"]
         n, k = weight.shape
-        if x.dtype != torch.bfloat16 or k % 128 or n % 64 or block_size(self.spec) != (128, 128):
+        if x.dtype != torch.bfloat16 or k % 128 or n % 64 or self.format.block != (128, 128):
             return super().apply(params, x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)

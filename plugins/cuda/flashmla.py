@@ -32,6 +32,8 @@ def unsupported(spec: AttentionSpec) -> str | None:
         return "not MLA"
     if spec.dtype not in (torch.bfloat16, torch.float16):
         return f"cache dtype {spec.dtype} (FlashMLA decodes bfloat16/float16 caches)"
+    if spec.kv_scale != 1.0:
+        return f"kv_scale {spec.kv_scale} (FlashMLA reads the cache unscaled)"
     if (spec.kv_lora_rank, spec.qk_rope_head_dim) != (RANK, ROPE):
         return f"latent {spec.kv_lora_rank}+{spec.qk_rope_head_dim} (FlashMLA needs 512+64)"
     if spec.page_size not in (None, PAGE_SIZE):

@@ -112,6 +112,8 @@ class NpuMHAAttention(MHAAttentionBackend):
             return f"kind {spec.kind!r}"
         if spec.dtype not in _HALF:
             return f"cache dtype {spec.dtype} (float16/bfloat16 only)"
+        if spec.kv_scale != 1.0:
+            return f"kv_scale {spec.kv_scale} (the fused op reads the cache unscaled)"
         if spec.head_dim != spec.v_head_dim:
             return f"head_dim {spec.head_dim} != v_head_dim {spec.v_head_dim} (key and value shapes must match)"
         if spec.head_dim % 16 or spec.head_dim > 512:

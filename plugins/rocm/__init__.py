@@ -2,8 +2,9 @@
 
 What it provides:
 * the `rocm` device, and when it is unusable, why;
-* attention (MLA decode and extend, MHA/GQA decode and extend) and MoE experts by the Triton kernels
-  shared with cuda (`dsserve.plugins.triton_kernels`); routing by the reference's torch ops;
+* attention (MLA decode and extend, MHA/GQA decode and extend) and MoE experts (unquantized and FP8
+  block-scaled; FP8 experts are converted to e4m3fnuz on gfx94x as the linears are) by the Triton
+  kernels shared with cuda (`dsserve.plugins.triton_kernels`); routing by the reference's torch ops;
 * linear: FP8 block-scaled GEMMs by the same Triton kernel. On MI300-series GPUs (gfx94x), whose
   8-bit float is e4m3fnuz, the e4m3fn checkpoint weights are converted after loading (same bytes,
   0x80 -> 0, scales doubled, as AMD documents; see fp8.py) and activations are quantized to

@@ -6,12 +6,14 @@ the specs each class's `supports(spec)` accepts (`unsupported(spec)` says why no
 
 * `TritonMLAAttention` (mla_decode.py): paged MLA decode on the latent cache, split-K with a merge
   kernel; short extends by the same kernel in absorbed (latent) form, long extends by the
-  reference's expanded SDPA.
+  reference's expanded SDPA. It reads 8-bit (e4m3/e5m2) latent caches too, with their kv_scale.
 * `TritonMHAAttention` (mha_attention.py): paged MHA/GQA decode (split-K) and extend with a cached
-  prefix.
+  prefix; caches in a 16/32-bit float dtype with kv_scale 1 only (the reference serves the others).
 * `TritonMoE` (fused_moe.py): expert-sorted, block-padded token pairs, a grouped w13 GEMM with
   SiLU-and-mul fused in, a grouped w2 GEMM with the routing weight fused in, a sum over the k
-  experts; routing by the reference `select_experts`.
+  experts; routing by the reference `select_experts`. FP8 experts ("fp8_block", DeepSeek-V3/R1's
+  W8A8 format) too: 8-bit weights with their block scales, activations quantized per token per
+  block column, on MI300 (gfx94x) converted to e4m3fnuz after loading.
 * `Fp8BlockLinear` (fp8_gemm.py): DeepSeek-V3's block-FP8 weights (128x128 scales) against
   per-token-per-128 quantized activations, accumulated group by group with both scales.
 

@@ -17,11 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from dsserve.core.backends import LinearSpec
-from dsserve.core.reference.fp8_linear import (
-    Fp8BlockWeights,
-    block_size,
-    quantize_per_token_group,
-)
+from dsserve.core.quant import quantize_per_token_group, weight_format
+from dsserve.core.reference import QuantizedWeights
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -119,9 +116,9 @@ def native_fp8_dot(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class Fp8BlockLinear(Fp8BlockWeights):
+class Fp8BlockLinear(QuantizedWeights):
     """Block-FP8 weights applied by the Triton kernel (weights as the checkpoint stores them; the
-    tensors, their blocks and `dequantized_weight` come from the core's `Fp8BlockWeights`)."""
+    tensors, their blocks and `dequantized_weight` come from the core's `QuantizedWeights`)."""
 
     #: the 8-bit format weights are kept in and activations quantized to.
     fp8_dtype: torch.dtype = torch.float8_e4m3fn
@@ -134,7 +131,7 @@ class Fp8BlockLinear(Fp8BlockWeights):
             return f"quantization {spec.quant!r} is not fp8_block"
         if spec.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"activation dtype {spec.dtype}"
-        bn, bk = block_size(spec)
+        bn, bk = weight_format(spec.quant, spec.weight_block_size).block
         if bk < 16 or bk & (bk - 1):
             return f"weight block {bn}x{bk}: the input block must be a power of two >= 16"
         return None
@@ -145,7 +142,7 @@ class Fp8BlockLinear(Fp8BlockWeights):
 
     def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         weight, scale = params["weight"], params["weight_scale_inv"]
-        block = block_size(self.spec)
+        block = self.format.block
         n, k = weight.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)

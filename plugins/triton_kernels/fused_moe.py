@@ -12,6 +12,18 @@
 
 Tokens are processed in chunks (`CHUNK_PAIRS` pairs at a time) so the per-pair buffers stay bounded
 for long prefills.
+
+FP8 experts (MoESpec.quant "fp8_block", DeepSeek-V3/R1's W8A8 format; the kernels' FP8 flag): the
+weights stay 8-bit with one float32 scale per (bn x bk) block, and each GEMM's input is quantized per
+token per bk features (torch, `quantize_per_token_group`, the function the reference rounds with):
+the hidden states once per token, the intermediate silu(gate) * up (written in float32) once per
+pair. The kernels walk K one scale group at a time (BLOCK_K = bk), as fp8_gemm.py does, multiplying
+the group's float32 partial product by the token's and the column's scale before accumulating. The
+weight scale is read per output column (its row n // bn), so bn needs no relation to BLOCK_N and a
+scale row may hold rows of both gate and up. 8-bit operands reach tl.dot natively (NVIDIA sm89+, AMD
+gfx94x/gfx95x) or, with `upcast`, as their raw bytes widened to float16 by integer ops
+(`_e4m3_bytes_to_f16`): exact, and no 8-bit float type enters the kernel, which Triton refuses to
+compile for e4m3fn below sm_89.
 """
 from __future__ import annotations
 
@@ -19,21 +31,37 @@ import torch
 import triton
 import triton.language as tl
 from dsserve.core.backends import MoEBackend, MoESpec
+from dsserve.core.quant import quantize_per_token_group, weight_format
 from dsserve.core.reference import select_experts
 
+from .fp8_gemm import native_fp8_dot
 from .strides import last_dim_contiguous
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_PAIRS = 64 * 1024
+# `_e4m3_bytes_to_f16` yields value * 2^(e4m3 bias - float16 bias): 2^-8 for e4m3fn (bias 7), 2^-7 for
+# e4m3fnuz (bias 8). A product of two such operands is undone by this factor (a power of two: exact).
+_UPCAST_SCALE = {torch.float8_e4m3fn: 2.0 ** 16, torch.float8_e4m3fnuz: 2.0 ** 14}
+
+
+@triton.jit
+def _e4m3_bytes_to_f16(b):
+    """e4m3 (fn or fnuz) bytes (uint8) -> float16 holding value * 2^-8 (fn) or 2^-7 (fnuz), exactly:
+    the sign moves to bit 15 and the 4 exponent + 3 mantissa bits to float16's exponent and top
+    mantissa bits, unchanged (an e4m3 subnormal lands on a float16 subnormal of the same scale)."""
+    b = b.to(tl.int32)
+    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _moe_gemm_w13_silu(
-    X, W13, Act, SortedPairs, BlockExpert, NumPadded,
+    X, XScale, W13, WScale, Act, SortedPairs, BlockExpert, NumPadded,
     num_pairs, hidden, inter,
     stride_xt, stride_we, stride_wn, stride_wk, stride_at,
+    stride_xst, stride_wse, stride_wsn,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr, SCALE_BN: tl.constexpr, UPCAST: tl.constexpr, DOT_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -47,6 +75,9 @@ def _moe_gemm_w13_silu(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     w_base = W13 + expert * stride_we
+    if FP8:  # the scale row of each gate and up column (one row may cover both when inter % bn != 0)
+        s_gate = WScale + expert * stride_wse + (cols // SCALE_BN).to(tl.int64) * stride_wsn
+        s_up = WScale + expert * stride_wse + ((cols + inter) // SCALE_BN).to(tl.int64) * stride_wsn
 
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -57,9 +88,21 @@ def _moe_gemm_w13_silu(
         w_mask = k_ok[:, None] & col_ok[None, :]
         w_gate = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         w_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
-        x = x.to(w_gate.dtype)
-        acc_gate += tl.dot(x, w_gate, input_precision=PRECISION)
-        acc_up += tl.dot(x, w_up, input_precision=PRECISION)
+        if FP8:  # one scale group per step: both scales applied to its float32 partial product
+            g = k0 // BLOCK_K
+            x_s = tl.load(XScale + token * stride_xst + g, mask=row_ok, other=0.0) * DOT_SCALE
+            gate_s = tl.load(s_gate + g, mask=col_ok, other=0.0)
+            up_s = tl.load(s_up + g, mask=col_ok, other=0.0)
+            if UPCAST:
+                x = _e4m3_bytes_to_f16(x)
+                w_gate = _e4m3_bytes_to_f16(w_gate)
+                w_up = _e4m3_bytes_to_f16(w_up)
+            acc_gate += tl.dot(x, w_gate) * (x_s[:, None] * gate_s[None, :])
+            acc_up += tl.dot(x, w_up) * (x_s[:, None] * up_s[None, :])
+        else:
+            x = x.to(w_gate.dtype)
+            acc_gate += tl.dot(x, w_gate, input_precision=PRECISION)
+            acc_up += tl.dot(x, w_up, input_precision=PRECISION)
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(Act + pair.to(tl.int64)[:, None] * stride_at + cols[None, :], act.to(Act.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -67,11 +110,13 @@ def _moe_gemm_w13_silu(
 
 @triton.jit
 def _moe_gemm_w2(
-    Act, W2, Out, SortedPairs, BlockExpert, NumPadded, PairWeights,
+    Act, ActScale, W2, WScale, Out, SortedPairs, BlockExpert, NumPadded, PairWeights,
     num_pairs, hidden, inter,
     stride_at, stride_we, stride_wn, stride_wk, stride_ot,
+    stride_ast, stride_wse, stride_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr, SCALE_BN: tl.constexpr, UPCAST: tl.constexpr, DOT_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -85,6 +130,8 @@ def _moe_gemm_w2(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     w_base = W2 + expert * stride_we
+    if FP8:
+        s_col = WScale + expert * stride_wse + (cols // SCALE_BN).to(tl.int64) * stride_wsn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
@@ -93,7 +140,16 @@ def _moe_gemm_w2(
         a = tl.load(Act + pair64[:, None] * stride_at + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
+        if FP8:
+            g = k0 // BLOCK_K
+            a_s = tl.load(ActScale + pair64 * stride_ast + g, mask=row_ok, other=0.0) * DOT_SCALE
+            w_s = tl.load(s_col + g, mask=col_ok, other=0.0)
+            if UPCAST:
+                a = _e4m3_bytes_to_f16(a)
+                w = _e4m3_bytes_to_f16(w)
+            acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
+        else:
+            acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
     weight = tl.load(PairWeights + pair64, mask=row_ok, other=0.0)
     acc = acc * weight[:, None]
     tl.store(Out + pair64[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty),
@@ -136,69 +192,142 @@ def _config(pairs: int, on_gpu: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
+def _fp8_operand(t: torch.Tensor, upcast: bool) -> torch.Tensor:
+    """An 8-bit tensor as the kernels take it: as is, or its raw bytes for the in-kernel upcast."""
+    return t.view(torch.uint8) if upcast else t
+
+
 def fused_moe(
     hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | dict[str, torch.Tensor],
+    w2: torch.Tensor | dict[str, torch.Tensor],
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    block: tuple[int, int] = (128, 128),
+    upcast: bool = False,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x) * (up_e x)), e = topk_ids[t, j].
 
     hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] float; topk_ids [T, k].
     Returns (or fills `out`, any row stride) [T, H] in hidden's dtype.
+
+    FP8 experts (W8A8 with `block` = (bn, bk) scales): w13 = {"weight": [E, 2I, H] e4m3fn or
+    e4m3fnuz, "weight_scale_inv": [E, ceil(2I/bn), ceil(H/bk)] float32} and w2 likewise ([E, H, I],
+    [E, ceil(H/bn), ceil(I/bk)]); both GEMMs' inputs are quantized per token per bk features to the
+    weights' 8-bit type. `upcast`: widen the 8-bit operands to float16 inside the kernels (GPUs
+    without an 8-bit float tl.dot) instead of multiplying them natively.
     """
+    fp8 = isinstance(w13, dict)
     tokens, hidden_size = hidden.shape
-    num_experts, two_inter, _ = w13.shape
+    num_experts, two_inter, _ = (w13["weight"] if fp8 else w13).shape
     inter = two_inter // 2
     k = topk_ids.shape[1]
     if out is None:
         out = hidden.new_empty(tokens, hidden_size)
     if tokens == 0:
         return out
-    hidden, w13, w2 = last_dim_contiguous(hidden), last_dim_contiguous(w13), last_dim_contiguous(w2)
-    precision = "ieee" if w13.dtype == torch.float32 else None
+    hidden = last_dim_contiguous(hidden)
+    if fp8:
+        bn, bk = block
+        if bk < 16 or bk & (bk - 1):
+            raise ValueError(f"the K scale block {bk} must be a power of two >= 16")
+        w13_s, w2_s = last_dim_contiguous(w13["weight_scale_inv"]), last_dim_contiguous(w2["weight_scale_inv"])
+        w13, w2 = last_dim_contiguous(w13["weight"]), last_dim_contiguous(w2["weight"])
+        fp8_dtype = w13.dtype
+        if fp8_dtype not in _UPCAST_SCALE or w2.dtype != fp8_dtype:
+            raise TypeError(f"FP8 experts must be e4m3fn or e4m3fnuz, both alike (got {fp8_dtype}, {w2.dtype})")
+        precision = None
+        fp8_args = {"FP8": True, "SCALE_BN": bn, "UPCAST": upcast,
+                    "DOT_SCALE": _UPCAST_SCALE[fp8_dtype] if upcast else 1.0}
+        scale_strides = (w13_s.stride(0), w13_s.stride(1)), (w2_s.stride(0), w2_s.stride(1))
+    else:
+        w13, w2 = last_dim_contiguous(w13), last_dim_contiguous(w2)
+        w13_s, w2_s = w13, w2  # not read
+        precision = "ieee" if w13.dtype == torch.float32 else None
+        fp8_args = {"FP8": False, "SCALE_BN": 1, "UPCAST": False, "DOT_SCALE": 1.0}
+        scale_strides = (0, 0), (0, 0)
+    w13_arg, w2_arg = (_fp8_operand(w13, upcast), _fp8_operand(w2, upcast)) if fp8 else (w13, w2)
     step = max(1, CHUNK_PAIRS // k)
     for t0 in range(0, tokens, step):
         t1 = min(tokens, t0 + step)
         ids = topk_ids[t0:t1]
         pairs = ids.numel()
         cfg = dict(config or _config(pairs, hidden.is_cuda))
-        bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-        sorted_pairs, block_expert, num_padded = moe_align(ids, num_experts, bm)
+        block_m, block_n, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+        if fp8:
+            if config and block_k != bk:
+                raise ValueError(f"FP8 experts take BLOCK_K = the scale block {bk}, not {block_k}")
+            block_k = bk  # one scale group per step
+        sorted_pairs, block_expert, num_padded = moe_align(ids, num_experts, block_m)
         max_blocks = block_expert.shape[0]
-        act = hidden.new_empty(pairs, inter, dtype=w13.dtype)
-        _moe_gemm_w13_silu[(max_blocks, triton.cdiv(inter, bn))](
-            hidden[t0:t1], w13, act, sorted_pairs, block_expert, num_padded,
+
+        x, x_s = hidden[t0:t1], w13_s  # x_s not read unless fp8
+        if fp8:
+            x, x_s = quantize_per_token_group(x, bk, fp8_dtype)
+            x = _fp8_operand(x, upcast)
+        # FP8: the intermediate stays float32 until it is quantized, as the reference rounds it
+        act = hidden.new_empty(pairs, inter, dtype=torch.float32 if fp8 else w13.dtype)
+        _moe_gemm_w13_silu[(max_blocks, triton.cdiv(inter, block_n))](
+            x, x_s, w13_arg, w13_s, act, sorted_pairs, block_expert, num_padded,
             pairs, hidden_size, inter,
-            hidden.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
-            TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, **cfg,
+            x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
+            x_s.stride(0), *scale_strides[0],
+            TOP_K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, **fp8_args, **cfg,
         )
+
+        a, a_s = act, w2_s  # a_s not read unless fp8
+        if fp8:
+            a, a_s = quantize_per_token_group(act, bk, fp8_dtype)
+            a = _fp8_operand(a, upcast)
         per_pair = hidden.new_empty(pairs, hidden_size)
         weights = topk_weights[t0:t1].reshape(-1).to(torch.float32).contiguous()
-        _moe_gemm_w2[(max_blocks, triton.cdiv(hidden_size, bn))](
-            act, w2, per_pair, sorted_pairs, block_expert, num_padded, weights,
+        _moe_gemm_w2[(max_blocks, triton.cdiv(hidden_size, block_n))](
+            a, a_s, w2_arg, w2_s, per_pair, sorted_pairs, block_expert, num_padded, weights,
             pairs, hidden_size, inter,
-            act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), per_pair.stride(0),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, **cfg,
+            a.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), per_pair.stride(0),
+            a_s.stride(0), *scale_strides[1],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, **fp8_args, **cfg,
         )
         out[t0:t1] = per_pair.view(t1 - t0, k, hidden_size).sum(dim=1, dtype=torch.float32).to(out.dtype)
     return out
 
 
+def _fp8_dtype_for(device: torch.device) -> torch.dtype:
+    """The 8-bit float the experts compute in on `device`: e4m3fnuz on MI300-series GPUs (gfx94x, whose
+    FP8 MFMA reads only fnuz; the rocm plugin's FP8 linears convert alike), else e4m3fn as stored."""
+    if device.type == "cuda" and torch.version.hip:
+        from dsserve.plugins.rocm.fp8 import uses_fnuz
+
+        if uses_fnuz(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")):
+            return torch.float8_e4m3fnuz
+    return torch.float8_e4m3fn
+
+
 class TritonMoE(MoEBackend):
     """Routing by the core's reference `select_experts` (torch ops: it must pick exactly the
-    reference's experts, and it is a handful of small ops per layer); experts by `fused_moe`."""
+    reference's experts, and it is a handful of small ops per layer); experts by `fused_moe`, float
+    or FP8 block-scaled ("fp8_block": weights kept 8-bit, activations quantized per token per bk)."""
+
+    #: the 8-bit format FP8 experts compute in (None: from the weights' device at load, see
+    #: `_fp8_dtype_for`); e4m3fnuz converts the e4m3fn checkpoint once (same bytes, scales x2).
+    fp8_dtype: torch.dtype | None = None
+    #: widen 8-bit operands to float16 in the kernels (None: where the device has no 8-bit tl.dot).
+    upcast: bool | None = None
 
     @staticmethod
     def unsupported(spec: MoESpec) -> str | None:
-        if spec.quant != "none":
-            return f"quantized experts ({spec.quant})"
         if spec.dtype not in _DTYPES:
             return f"dtype {spec.dtype} (supported: float16, bfloat16, float32)"
+        if spec.quant == "none":
+            return None
+        if spec.quant != "fp8_block":
+            return f"quantized experts ({spec.quant}; the kernels take fp8_block)"
+        bn, bk = weight_format(spec.quant, spec.weight_block_size).block
+        if bk < 16 or bk & (bk - 1):
+            return f"fp8_block experts with {bn}x{bk} blocks: the input block must be a power of two >= 16"
         return None
 
     @classmethod
@@ -208,5 +337,22 @@ class TritonMoE(MoEBackend):
     def select_experts(self, router_logits, correction_bias):
         return select_experts(router_logits, correction_bias, self.spec)
 
+    def process_weights_after_loading(self, w13, w2):
+        if self.spec.quant != "fp8_block" or w13["weight"].dtype != torch.float8_e4m3fn:
+            return w13, w2
+        if (self.fp8_dtype or _fp8_dtype_for(w13["weight"].device)) != torch.float8_e4m3fnuz:
+            return w13, w2
+        from dsserve.plugins.rocm.fp8 import e4m3fn_to_e4m3fnuz
+
+        converted = []
+        for w in (w13, w2):
+            weight, scale = e4m3fn_to_e4m3fnuz(w["weight"], w["weight_scale_inv"])
+            converted.append({**w, "weight": weight, "weight_scale_inv": scale})
+        return tuple(converted)
+
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
-        return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+        if self.spec.quant == "none":
+            return fused_moe(hidden, w13, w2, topk_weights, topk_ids)
+        upcast = self.upcast if self.upcast is not None else not native_fp8_dot(hidden.device)
+        block = weight_format(self.spec.quant, self.spec.weight_block_size).block
+        return fused_moe(hidden, w13, w2, topk_weights, topk_ids, block=block, upcast=upcast)

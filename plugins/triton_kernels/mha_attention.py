@@ -92,6 +92,8 @@ class TritonMHAAttention(MHAAttentionBackend):
             return f"kind {spec.kind!r} is not mha"
         if spec.dtype not in _DTYPES:
             return f"dtype {spec.dtype} (supported: float16, bfloat16, float32)"
+        if spec.kv_scale != 1.0:
+            return f"kv_scale {spec.kv_scale} (the kernels read the cache unscaled)"
         if spec.num_kv_heads < 1 or spec.num_heads % spec.num_kv_heads:
             return f"{spec.num_heads} query heads over {spec.num_kv_heads} KV heads"
         if not 0 < spec.head_dim <= 256 or not 0 < spec.v_head_dim <= 256:

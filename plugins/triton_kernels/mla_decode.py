@@ -112,12 +112,18 @@ class TritonMLAAttention(MLAAttentionBackend):
         return choose_num_splits(meta.batch_size, -(-heads // 16), max(meta.seq_lens_cpu, default=0),
                                  num_sms=device_sm_count(device))
 
+    # The kernel reads the cache as stored (an 8-bit float tile is upcast to the query's dtype in
+    # registers); the per-tensor kv_scale k is applied outside it: the real latent is k * stored, so
+    # the scores are the stored ones times k (folded into the softmax scale) and the weighted latent,
+    # the stored one times k.
     def forward_decode(self, q_latent, q_pe, latent, cache, meta):
+        k = self.spec.kv_scale
         flat = cache.view(-1, cache.shape[-1])
-        write_cache_rows(flat, meta.out_cache_loc, latent)
+        write_cache_rows(flat, meta.out_cache_loc, latent, k)
         splits = self._num_splits(meta, q_latent.device, q_latent.shape[1])
-        return mla_decode_attention(q_latent, q_pe, cache, meta.page_table, meta.seq_lens, self.spec.scale,
-                                    num_splits=splits, extend_lens=meta.extend_lens, extend_start=meta.extend_start)
+        out = mla_decode_attention(q_latent, q_pe, cache, meta.page_table, meta.seq_lens, self.spec.scale * k,
+                                   num_splits=splits, extend_lens=meta.extend_lens, extend_start=meta.extend_start)
+        return out if k == 1.0 else out.mul_(k)
 
     def forward_extend(self, q_nope, q_pe, latent, cache, meta, w_kc, w_vc):
         if max(meta.extend_lens_cpu, default=0) > self.absorb_extend_max_tokens:
@@ -125,7 +131,7 @@ class TritonMLAAttention(MLAAttentionBackend):
         s = self.spec
         rank = s.kv_lora_rank
         flat = cache.view(-1, cache.shape[-1])
-        write_cache_rows(flat, meta.out_cache_loc, latent)
+        write_cache_rows(flat, meta.out_cache_loc, latent, s.kv_scale)
         dtype = q_nope.dtype
         cd = torch.float32 if dtype in _HALF else dtype
         # Absorb w_kc into the query: q_latent[t, h] = q_nope[t, h] @ w_kc[h].
@@ -135,7 +141,10 @@ class TritonMLAAttention(MLAAttentionBackend):
         paged_attention(
             q_lat, last_dim_contiguous(q_pe), flat[:, :rank].unsqueeze(1), flat[:, rank:].unsqueeze(1), None,
             meta.page_table, meta.seq_lens, meta.extend_lens, meta.extend_start,
-            scale=s.scale, page_size=meta.page_size, max_extend_len=max(meta.extend_lens_cpu, default=0),
-            num_splits=1, out=o_lat, block_m=16, block_n=32, num_warps=4, num_stages=1,
+            scale=s.scale * s.kv_scale, page_size=meta.page_size,
+            max_extend_len=max(meta.extend_lens_cpu, default=0), num_splits=1, out=o_lat,
+            block_m=16, block_n=32, num_warps=4, num_stages=1,
         )
+        if s.kv_scale != 1.0:  # as in decode
+            o_lat.mul_(s.kv_scale)
         return torch.bmm(o_lat.transpose(0, 1), w_vc.to(cd)).transpose(0, 1).to(dtype)

@@ -25,6 +25,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from dsserve.core.reference import write_cache
 
 LOG2E = 1.4426950408889634
 
@@ -289,11 +290,8 @@ def device_sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def write_cache_rows(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
-    """flat[loc] = rows, for any cache dtype (8-bit floats go through a byte view, since
-    index_copy_ has no float8 kernel on every backend)."""
-    rows = rows.to(flat.dtype)
-    if flat.element_size() == 1 and flat.dtype.is_floating_point:
-        flat.view(torch.uint8).index_copy_(0, loc, rows.view(torch.uint8))
-    else:
-        flat.index_copy_(0, loc, rows)
+def write_cache_rows(flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor, kv_scale: float = 1.0) -> None:
+    """flat[loc] = rows as the cache stores them, for any cache dtype: the reference's own write
+    (divided by kv_scale and clamped for 8-bit floats, which go through a byte view since index_copy_
+    has no float8 kernel on every backend), so every backend's cache holds the same bits."""
+    write_cache(flat, loc, rows, kv_scale)
