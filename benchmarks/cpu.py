@@ -137,7 +137,8 @@ def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: i
     return {"results": results, "steps": steps, "resident": resident, "peak": gemm_peak(compute_dtype)}
 
 
-def rows_for(label: str, measured: dict, bandwidth: float) -> list[list]:
+def rows_for(label: str, measured: dict, bandwidth: float, active: float) -> list[list]:
+    """`active`: parameters per token, counted on an unquantized run (a packed int32 of AWQ holds 8)."""
     results, steps = measured["results"], measured["steps"]
     resident = f"{measured['resident'] / 2**30:.2f}"
     rows = []
@@ -146,7 +147,7 @@ def rows_for(label: str, measured: dict, bandwidth: float) -> list[list]:
         floor = batch * bandwidth / step_bytes
         rows.append([label, resident, f"decode batch {batch}", results[batch], floor, results[batch] / floor,
                      f"{step_bytes / 1e6:.0f} MB of weights a step at {bandwidth / 1e9:.1f} GB/s"])
-    active, peak = steps[1][1], measured["peak"]
+    peak = measured["peak"]
     ceiling = peak / (2 * active)
     rows.append([label, resident, f"prefill {PREFILL_TOKENS}", results["prefill"], ceiling,
                  results["prefill"] / ceiling, f"{active / 1e6:.0f} M active params at {peak / 1e9:.0f} GFLOP/s"])
@@ -178,7 +179,8 @@ def main() -> int:
                     for label, dtype, quantization, tokens in configs}
     # the machine's bandwidth, here, where no engine runs: before the floors, the best of two rounds
     bandwidth = max(read_bandwidth(), read_bandwidth())
-    rows = [row for label in measured for row in rows_for(label, measured[label], bandwidth)]
+    active = measured[dtypes[0]]["steps"][1][1]
+    rows = [row for label in measured for row in rows_for(label, measured[label], bandwidth, active)]
     load_after = os.getloadavg()
     m = machine_summary()
     shown = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "avx_vnni", "fma")))
