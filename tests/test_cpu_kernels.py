@@ -197,3 +197,58 @@ def test_mla_absorption_matches_bmm(isa, dtype, batch):
         assert got.dtype == dtype
         err = float((got.double() - want).pow(2).sum() / want.pow(2).sum())
         assert err < {torch.float32: 1e-10, torch.bfloat16: 1e-4}[dtype], f"normalised error {err:.1e}"
+
+
+# ---------------------------------------------------------------------------------- int8 W8A8
+
+BEST_INT8 = native.int8_isa()
+RUNNABLE_INT8 = [isa for isa in native.Int8Isa if BEST_INT8 is not None and isa <= BEST_INT8]
+
+
+def test_int8_isa_is_read_from_the_cpu_flags():
+    assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"})) is native.Int8Isa.AVX512_VNNI
+    assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) is native.Int8Isa.AVX2
+    assert native.int8_isa(frozenset({"sse4_2"})) is None
+
+
+def test_int8_pack_round_trips():
+    from dsserve.plugins.cpu.packing import pack_int8, unpack_int8
+
+    w = torch.randint(-127, 128, (2, 32, 37), dtype=torch.int8)
+    packed = pack_int8(w)
+    assert packed.shape == (2, 2, 10 * 64)
+    assert torch.equal(unpack_int8(packed, 37), w)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [pytest.param(i, id=i.name.lower()) for i in RUNNABLE_INT8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,block", [("int8_channel", None), ("int8_block", (128, 128)), ("int8_block", (32, 64))])
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [
+    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1030, False), (0, 32, 64, False)])
+def test_int8_linear_matches_the_reference(isa, dtype, fmt, block, rows, out_features, in_features, bias):
+    """The same activation rounding as the reference (per token, or per token per block column), so
+    the int32 products are equal and only float32 rounding of the scaled sums differs; rows of very
+    different magnitude (an activation outlier row) and a partial last group."""
+    from dsserve.core.backends import LinearSpec
+    from dsserve.core.quant import weight_format
+    from dsserve.core.reference import ReferenceQuantizedLinear
+    from dsserve.plugins.cpu.int8_linear import CpuInt8Linear
+
+    gen = torch.Generator().manual_seed(rows + out_features)
+    spec = LinearSpec(in_features, out_features, bias, dtype, fmt, block)
+    stored = weight_format(fmt, block).quantize(torch.randn(out_features, in_features, generator=gen) * 0.05)
+    if bias:
+        stored["bias"] = (torch.randn(out_features, generator=gen) * 0.1).to(dtype)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    if rows > 2:
+        x[1] *= 50.0
+    method = CpuInt8Linear(spec, native.kernels(), isa)
+    params = method.process_weights_after_loading(dict(stored))
+    out = method.apply(params, x)
+    want = ReferenceQuantizedLinear(spec).apply(stored, x)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    if rows:
+        err = float((out.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
+        assert err < (1e-12 if dtype == torch.float32 else 1e-4), err
+    assert torch.equal(method.dequantized_weight(params), weight_format(fmt, block).dequantize(stored))

@@ -41,4 +41,4 @@ def fake_quantize_per_token_group(x: torch.Tensor, group: int, dtype: torch.dtyp
     """x [M, K] -> float32 [M, K]: each value as `quantize_per_token_group` rounds it (q * scale)."""
     m, k = x.shape
     q, scale = quantize_per_token_group(x, group, dtype)
-    return (q.float().view(m, -1, group) * scale[:, :, None]).view(m, -1)[:, :k]
+    return (q.float().view(m, scale.shape[1], group) * scale[:, :, None]).view(m, q.shape[1])[:, :k]

@@ -8,9 +8,11 @@ oneDNN on weights reordered once at load (`onednn.py`) on CPUs with AMX. Routed 
 through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
 at load, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
 on first use); where it cannot be built, or for a spec it does not serve, the reference does.
-Attention and collectives are the core's torch-native reference implementations for now. A spec
-this module does not name (a quantization scheme, say) is answered None, so the reference decides
-for itself.
+int8 W8A8 linear layers (int8_channel, int8_block) run through the C++ int8 kernel
+(`int8_linear.py`, csrc/int8_linear.cpp: activations quantized in the call, vpdpbusd on AVX512-VNNI
+CPUs, int16 vpmaddwd on AVX2). MHA attention, the other quantized formats and collectives are the
+core's torch-native reference implementations for now: a spec this module does not serve is answered
+None, so the reference decides for itself.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 @hookimpl
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
     if spec.quant != "none":
-        return None
+        return _quantized_linear(spec)
     from . import native, onednn
     from .device import cpu_flags
     from .linear import CpuPackedLinear, preferred
@@ -93,6 +95,17 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
     from dsserve.core.reference import UnquantizedLinear
 
     return UnquantizedLinear(spec)
+
+
+def _quantized_linear(spec: LinearSpec) -> LinearMethod | None:
+    """int8 W8A8 formats through the C++ VNNI/AVX2 kernel; the others (and unbuildable kernels) to the
+    reference."""
+    from . import int8_linear, native
+
+    kernels, isa = native.kernels(), native.int8_isa()
+    if kernels is not None and isa is not None and int8_linear.unsupported(spec) is None:
+        return int8_linear.CpuInt8Linear(spec, kernels, isa)
+    return None
 
 
 @hookimpl

@@ -44,6 +44,23 @@ def isa(flags: frozenset[str] | None = None) -> Isa | None:
     return None
 
 
+class Int8Isa(enum.IntEnum):
+    """The int8 kernel variants, as csrc/int8_gemm.h numbers them."""
+
+    AVX2 = 0
+    AVX512_VNNI = 1
+
+
+def int8_isa(flags: frozenset[str] | None = None) -> Int8Isa | None:
+    """The best int8 (W8A8) kernel variant this CPU runs; None below AVX2 + FMA."""
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+        return Int8Isa.AVX512_VNNI
+    if {"avx2", "fma"} <= flags:
+        return Int8Isa.AVX2
+    return None
+
+
 def build_name() -> str:
     # the folder too: the build's ninja file names the sources by path, so two checkouts sharing one
     # name would rebuild each other's copy in turn

@@ -1,8 +1,9 @@
-"""Weights laid out for the C++ block GEMM (csrc/block_gemm.h), once, at load.
+"""Weights laid out for the C++ block GEMMs (csrc/block_gemm.h, csrc/int8_gemm.h), once, at load.
 
 W [..., N, K] becomes [..., N / 16, K * 16]: blocks of 16 output rows whose K x 16 weights one
 vector load after another feeds to 16 accumulators. bfloat16 keeps pairs of K together (the
-operand layout of vdpbf16ps); float32 is K-major within a block.
+operand layout of vdpbf16ps); float32 is K-major within a block; int8 keeps groups of 4 k together
+(vpdpbusd's layout), K zero-padded to a multiple of 4.
 """
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
     else:
         w = packed.reshape(*lead, nb, k, BLOCK_N).transpose(-2, -1)
     return w.reshape(*lead, nb * BLOCK_N, k)
+
+
+def pack_int8(w: torch.Tensor) -> torch.Tensor:
+    """W [..., N, K] int8 -> [..., N / 16, ceil(K / 4) * 64]: block[(k / 4) * 64 + j * 4 + k % 4] = W[n0 + j][k]."""
+    *lead, n, k = w.shape
+    if w.dtype != torch.int8 or n % BLOCK_N:
+        raise ValueError(f"cannot pack a [{n}, {k}] {w.dtype} weight as int8 blocks of {BLOCK_N} rows")
+    k4 = -(-k // 4)
+    padded = torch.nn.functional.pad(w, (0, k4 * 4 - k)) if k4 * 4 != k else w
+    blocks = padded.reshape(*lead, n // BLOCK_N, BLOCK_N, k4, 4).transpose(-3, -2)  # [.., nb, K4, 16, 4]
+    return blocks.contiguous().reshape(*lead, n // BLOCK_N, k4 * 4 * BLOCK_N)
+
+
+def unpack_int8(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `pack_int8`."""
+    *lead, nb, _ = packed.shape
+    k4 = -(-k // 4)
+    w = packed.reshape(*lead, nb, k4, BLOCK_N, 4).transpose(-3, -2)
+    return w.reshape(*lead, nb * BLOCK_N, k4 * 4)[..., :k]

@@ -9,11 +9,14 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          int64_t isa);
 at::Tensor head_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
+                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t group, int64_t isa);
 }  // namespace dsserve_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
   m.def("packed_linear", &dsserve_cpu::packed_linear, "x W^T (+ b) on a packed weight");
   m.def("head_linear", &dsserve_cpu::head_linear, "per-head x W_h^T on per-head packed weights");
+  m.def("int8_linear", &dsserve_cpu::int8_linear, "W8A8 x W^T (+ b): activations quantized in the call");
   m.def("mla_decode", &dsserve_cpu::mla_decode, "MLA decode on the paged latent cache, split over the KV length");
 }
