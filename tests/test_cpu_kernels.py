@@ -252,3 +252,36 @@ def test_int8_linear_matches_the_reference(isa, dtype, fmt, block, rows, out_fea
         err = float((out.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
         assert err < (1e-12 if dtype == torch.float32 else 1e-4), err
     assert torch.equal(method.dequantized_weight(params), weight_format(fmt, block).dequantize(stored))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [pytest.param(i, id=i.name.lower()) for i in RUNNABLE_INT8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,block", [("int8_channel", None), ("int8_block", (32, 64))])
+@pytest.mark.parametrize("tokens,experts,k,hidden,inter", [(1, 8, 2, 128, 64), (37, 16, 6, 256, 96), (0, 4, 2, 64, 32)])
+def test_int8_fused_moe_matches_the_reference(isa, dtype, fmt, block, tokens, experts, k, hidden, inter):
+    """int8 experts as stored (each expert's merged gate/up quantized as one [2I, D] weight), the
+    activations rounded as the reference rounds them: the int32 products agree exactly; SiLU's last bit
+    and the float32 sums' order may move an activation across a rounding midpoint, rarely."""
+    from dsserve.core.quant import weight_format
+    from dsserve.plugins.cpu.moe import CpuInt8MoE
+
+    x, w13, w2, ids, weights = _case(tokens, experts, k, hidden, inter, torch.float32, seed=tokens + 5)
+    x = x.to(dtype)
+    f = weight_format(fmt, block)
+
+    def stored(w):
+        per = [f.quantize(w[e]) for e in range(w.shape[0])]
+        return {name: torch.stack([p[name] for p in per]) for name in per[0]}
+
+    spec = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype, quant=fmt,
+                   weight_block_size=block)
+    s13, s2 = stored(w13), stored(w2)
+    backend = CpuInt8MoE(spec, native.kernels(), isa)
+    p13, p2 = backend.process_weights_after_loading(s13, s2)
+    out = backend.compute_experts(x, weights, ids, p13, p2)
+    want = ReferenceMoE(spec).compute_experts(x, weights, ids, s13, s2)
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    if tokens:
+        err = float((out.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
+        assert err < (1e-9 if dtype == torch.float32 else 1e-4), err

@@ -276,7 +276,8 @@ def test_online_quantization_is_the_offline_checkpoint(folders, float_logits):
     writes (per-row scales do not depend on how gate and up are merged)."""
     seqs, _ = float_logits["tiny"]
     with _engine(folders["tiny"]["float"], quantization="w8a8_int8") as eng:
-        assert eng.runner.model.layers[1].mlp.routed.w13["weight"].dtype == torch.int8
+        # int8 as the MoE backend keeps them (the reference: as stored; the cpu kernels: packed)
+        assert torch.int8 in {t.dtype for t in eng.runner.model.layers[1].mlp.routed.w13.values()}
         online = _logits(eng, seqs)
     with _engine(folders["tiny"]["w8a8_int8"]) as eng:
         offline = _logits(eng, seqs)

@@ -67,11 +67,13 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
 @hookimpl
 def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
     from . import native
-    from .moe import CpuFusedMoE, unsupported
+    from .moe import CpuFusedMoE, CpuInt8MoE, unsupported
 
     kernels, reason = native.kernels(), unsupported(spec)
-    if kernels is not None and reason is None:
+    if kernels is not None and reason is None and spec.quant == "none":
         return CpuFusedMoE(spec, kernels, native.isa())
+    if kernels is not None and reason is None and native.int8_isa() is not None:
+        return CpuInt8MoE(spec, kernels, native.int8_isa())
     if spec.quant != "none":
         return None  # the reference decides for itself
     from dsserve.core.reference import ReferenceMoE

@@ -31,28 +31,22 @@ def unsupported(spec: LinearSpec) -> str | None:
     return None
 
 
+def activation_group(quant: str, block: tuple[int, int] | None, k: int) -> int:
+    """Features per activation scale: the block's columns, or the whole row (per token)."""
+    return block[1] if quant == "int8_block" else k
+
+
 class CpuInt8Linear(QuantizedWeights):
     def __init__(self, spec: LinearSpec, kernels, isa: native.Int8Isa):
         super().__init__(spec)
         self.kernels, self.isa = kernels, int(isa)
-        blocked = spec.quant == "int8_block"
-        self.scale_name = "weight_scale_inv" if blocked else "weight_scale"
-        self.group = self.format.block[1] if blocked else spec.in_features  # activation scale group
+        self.scale_name = "weight_scale_inv" if spec.quant == "int8_block" else "weight_scale"
+        self.group = activation_group(spec.quant, self.format.block, spec.in_features)
 
     def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The packed weight, and per block of 16 columns, per scale group, per column: the +128
-        compensation and the weight scale, laid out for one vector load each."""
-        w, scale = params["weight"], params[self.scale_name].float()
-        n, k = w.shape
-        groups = -(-k // self.group)
-        padded = torch.nn.functional.pad(w, (0, groups * self.group - k)) if groups * self.group != k else w
-        comp = padded.view(n, groups, self.group).sum(dim=-1, dtype=torch.int32) * 128  # [N, G]
-        if self.spec.quant == "int8_block":
-            per_column = scale.repeat_interleave(self.format.block[0], 0)[:n]  # [N, G]
-        else:
-            per_column = scale.view(n, 1)
-        out = {"packed": pack_int8(w), "comp": _by_block(comp), "column_scale": _by_block(per_column),
-               self.scale_name: scale}
+        scale = params[self.scale_name].float()
+        packed, comp, column_scale = pack_w8a8(params["weight"], scale, self.format.block, self.group)
+        out = {"packed": packed, "comp": comp, "column_scale": column_scale, self.scale_name: scale}
         if "bias" in params:
             out["bias"] = params["bias"]
         return out
@@ -68,7 +62,19 @@ class CpuInt8Linear(QuantizedWeights):
         return self.format.dequantize({"weight": weight, self.scale_name: params[self.scale_name]})
 
 
-def _by_block(t: torch.Tensor) -> torch.Tensor:
-    """[N, G] -> [N/16, G, 16]: one block's 16 columns contiguous per group."""
-    n, g = t.shape
-    return t.view(n // BLOCK_N, BLOCK_N, g).transpose(1, 2).contiguous()
+def pack_w8a8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, group: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 W [..., N, K] with its scales (per row [..., N, 1], or per block [..., N/bn, K/bk] when
+    `block`) -> (the packed weight; per block of 16 columns, per activation group of `group` features,
+    per column: the +128 compensation (int32) and the weight scale (float32), [..., N/16, G, 16] each,
+    laid out for one vector load)."""
+    *lead, n, k = weight.shape
+    groups = -(-k // group)
+    padded = torch.nn.functional.pad(weight, (0, groups * group - k)) if groups * group != k else weight
+    comp = padded.reshape(*lead, n, groups, group).sum(dim=-1, dtype=torch.int32) * 128  # [..., N, G]
+    per_column = scale.repeat_interleave(block[0], -2)[..., :n, :] if block else scale  # [..., N, G]
+
+    def by_block(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*lead, n // BLOCK_N, BLOCK_N, groups).transpose(-2, -1).contiguous()
+
+    return pack_int8(weight), by_block(comp), by_block(per_column.float().expand(*lead, n, groups))

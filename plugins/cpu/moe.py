@@ -8,18 +8,22 @@ from dsserve.core.backends import MoESpec
 from dsserve.core.reference import ReferenceMoE
 
 from . import native
+from .int8_linear import FORMATS as INT8_FORMATS
+from .int8_linear import activation_group, pack_w8a8
 from .packing import pack, packable
 
 
 def unsupported(spec: MoESpec) -> str | None:
-    """Why the fused kernel cannot serve `spec` (None: it can)."""
-    if spec.quant != "none":
+    """Why the fused kernels cannot serve `spec` (None: they can)."""
+    if spec.quant not in ("none", *INT8_FORMATS):
         return f"quantization {spec.quant!r}"
     for what, (n, k) in {"w13": (2 * spec.intermediate_size, spec.hidden_size),
                          "w2": (spec.hidden_size, spec.intermediate_size)}.items():
         reason = packable(n, k, spec.dtype)
         if reason:
             return f"{what}: {reason}"
+    if spec.quant == "int8_block" and spec.weight_block_size and spec.weight_block_size[1] % 4:
+        return f"weight block {spec.weight_block_size}: the input block must be a multiple of 4"
     if spec.intermediate_size % 16:
         return f"intermediate_size {spec.intermediate_size} is not a multiple of 16 (gate and up blocks)"
     return None
@@ -37,3 +41,30 @@ class CpuFusedMoE(ReferenceMoE):
 
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
         return self.kernels.fused_moe(hidden.contiguous(), w13, w2, topk_weights, topk_ids, self.isa)
+
+
+class CpuInt8MoE(ReferenceMoE):
+    """int8 W8A8 experts (int8_channel, int8_block) through the fused C++ kernel: the experts stay
+    int8, packed at load with their compensation and per-column scales; activations are quantized in
+    the call as the reference rounds them."""
+
+    def __init__(self, spec: MoESpec, kernels, isa: native.Int8Isa):
+        super().__init__(spec)
+        self.kernels, self.isa = kernels, int(isa)
+        self.scale_name = "weight_scale_inv" if spec.quant == "int8_block" else "weight_scale"
+
+    def _pack(self, w: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        scale = w[self.scale_name].float()
+        group = activation_group(self.spec.quant, self.format.block, k)
+        packed, comp, column_scale = pack_w8a8(w["weight"], scale, self.format.block, group)
+        return {"packed": packed, "comp": comp, "column_scale": column_scale, self.scale_name: scale}
+
+    def process_weights_after_loading(self, w13, w2):
+        return self._pack(w13, self.spec.hidden_size), self._pack(w2, self.spec.intermediate_size)
+
+    def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
+        s = self.spec
+        return self.kernels.fused_moe_int8(
+            hidden.contiguous(), w13["packed"], w13["comp"], w13["column_scale"], w2["packed"], w2["comp"],
+            w2["column_scale"], topk_weights, topk_ids, activation_group(s.quant, self.format.block, s.hidden_size),
+            activation_group(s.quant, self.format.block, s.intermediate_size), self.isa)

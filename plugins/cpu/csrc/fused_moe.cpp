@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "block_gemm.h"
+#include "int8_gemm.h"
 
 namespace dsserve_cpu {
 namespace {
@@ -104,7 +105,133 @@ at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const
   return out.to(hidden.scalar_type());
 }
 
+// The int8 W8A8 experts (int8_channel, int8_block): the same structure with the activations quantized
+// as the reference rounds them, each token's hidden row once (per token, or per token per block column)
+// and each pair's float32 SiLU-and-mul row before the down GEMM.
+struct Int8Experts {
+  const int8_t* packed;  // [E, blocks, K4 * 64]
+  const int32_t* comp;   // [E, blocks, groups, 16]
+  const float* scale;    // [E, blocks, groups, 16]
+  int64_t blocks, K, group;
+  int64_t K4() const { return (K + 3) / 4; }
+  int64_t groups() const { return (K + group - 1) / group; }
+  // y [rows, 16] for output block b of expert e, on rows of quantized bytes q (stride K4*4) with scales s
+  void gemm(Int8Isa isa, int64_t e, int64_t b, int64_t rows, const int8_t* q, const float* s, float* y) const {
+    const int64_t cell = (e * blocks + b) * groups() * kInt8BlockN;
+    block_int8_gemm(isa, rows, q, K4() * 4, s, groups(), packed + (e * blocks + b) * K4() * 64, K4(),
+                    (group + 3) / 4, comp + cell, scale + cell, y);
+  }
+};
+
+template <typename T>
+void quantize_rows(Int8Isa isa, const T* x, int64_t rows, int64_t K, int64_t group, int8_t* q, float* s) {
+  const int64_t K4 = (K + 3) / 4, groups = (K + group - 1) / group;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row<T>(isa, x + m * K, K, group, q + m * K4 * 4, s + m * groups);
+  });
+}
+
+template <typename T>
+at::Tensor fused_moe_int8_impl(const at::Tensor& hidden, const Int8Experts& w13, const Int8Experts& w2, int64_t E,
+                               const at::Tensor& topk_weights, const at::Tensor& topk_ids, Int8Isa isa) {
+  const int64_t tokens = hidden.size(0), D = hidden.size(1), inter_blocks = w13.blocks / 2, I = w2.K;
+  const Grouping g = group_by_expert(topk_ids, topk_weights, E);
+  const int64_t pairs = static_cast<int64_t>(g.token.size());
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
+
+  // each token's hidden row quantized once, then gathered per pair (grouped by expert)
+  at::Tensor hq = at::empty({tokens, w13.K4() * 4}, hidden.options().dtype(at::kChar));
+  at::Tensor hs = at::empty({tokens, w13.groups()}, hidden.options().dtype(at::kFloat));
+  quantize_rows<T>(isa, hidden.data_ptr<T>(), tokens, D, w13.group, hq.data_ptr<int8_t>(), hs.data_ptr<float>());
+  const at::Tensor index = torch::tensor(g.token, torch::kInt64);
+  const at::Tensor xq = hq.index_select(0, index), xs = hs.index_select(0, index);
+  const int8_t* x = xq.data_ptr<int8_t>();
+  const float* sx = xs.data_ptr<float>();
+
+  at::Tensor act = at::empty({pairs, I}, hidden.options().dtype(at::kFloat));
+  float* a = act.data_ptr<float>();
+  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(most * kInt8BlockN), up(most * kInt8BlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        const int8_t* q = x + p * w13.K4() * 4;
+        w13.gemm(isa, e, b, rows, q, sx + p * w13.groups(), gate.data());
+        w13.gemm(isa, e, inter_blocks + b, rows, q, sx + p * w13.groups(), up.data());
+        for (int64_t m = 0; m < rows; ++m)
+          for (int j = 0; j < kInt8BlockN; ++j)
+            a[(p + m) * I + b * kInt8BlockN + j] = silu(gate[m * kInt8BlockN + j]) * up[m * kInt8BlockN + j];
+      }
+    }
+  });
+
+  at::Tensor aq = at::empty({pairs, w2.K4() * 4}, hidden.options().dtype(at::kChar));
+  at::Tensor as = at::empty({pairs, w2.groups()}, hidden.options().dtype(at::kFloat));
+  quantize_rows<float>(isa, a, pairs, I, w2.group, aq.data_ptr<int8_t>(), as.data_ptr<float>());
+  const int8_t* q2 = aq.data_ptr<int8_t>();
+  const float* s2 = as.data_ptr<float>();
+
+  at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, w2.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(most * kInt8BlockN);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        w2.gemm(isa, e, nb, rows, q2 + p * w2.K4() * 4, s2 + p * w2.groups(), y.data());
+        for (int64_t m = 0; m < rows; ++m) {
+          float* dst = o + g.token[p + m] * D + nb * kInt8BlockN;
+          const float wt = g.weight[p + m];
+          for (int j = 0; j < kInt8BlockN; ++j) dst[j] += wt * y[m * kInt8BlockN + j];
+        }
+      }
+    }
+  });
+  return out.to(hidden.scalar_type());
+}
+
+Int8Experts int8_experts(const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale, int64_t K,
+                         int64_t group, const char* what) {
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kChar &&
+              packed.size(2) == (K + 3) / 4 * 64, what, " must be int8 packed by dsserve.plugins.cpu.packing for ",
+              K, " input features");
+  const int64_t cells = packed.size(0) * packed.size(1) * ((K + group - 1) / group) * kInt8BlockN;
+  TORCH_CHECK(comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == cells, what,
+              "'s comp must be int32 [E, blocks, groups, 16]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == cells, what,
+              "'s scale must be float32 [E, blocks, groups, 16]");
+  TORCH_CHECK(group % 4 == 0 || group >= K, what, ": the activation group must be a multiple of 4 or the whole row");
+  return {packed.data_ptr<int8_t>(), comp.data_ptr<int32_t>(), scale.data_ptr<float>(), packed.size(1), K, group};
+}
+
 }  // namespace
+
+// hidden [T, D] bfloat16/float32; w13 (gate blocks, then up blocks) and w2 int8-packed per expert
+// ([E, 2I/16, ceil(D/4)*64], [E, D/16, ceil(I/4)*64]) with their comp and scale [E, blocks, groups, 16];
+// activations quantized per group1 (w13's input) and group2 (w2's) features. Returns [T, D] in
+// hidden's dtype.
+at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_comp,
+                          const at::Tensor& w13_scale, const at::Tensor& w2, const at::Tensor& w2_comp,
+                          const at::Tensor& w2_scale, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                          int64_t group1, int64_t group2, int64_t isa) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [T, D] tensor");
+  const int64_t D = hidden.size(1), E = w13.size(0), I = w13.size(1) / 2 * kInt8BlockN;
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) * kInt8BlockN == D, "w2 does not match hidden_size ", D);
+  const Int8Experts p13 = int8_experts(w13, w13_comp, w13_scale, D, group1, "w13");
+  const Int8Experts p2 = int8_experts(w2, w2_comp, w2_scale, I, group2, "w2");
+  const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  switch (hidden.scalar_type()) {
+    case at::kBFloat16:
+      return fused_moe_int8_impl<at::BFloat16>(hidden, p13, p2, E, weights, ids, static_cast<Int8Isa>(isa));
+    case at::kFloat:
+      return fused_moe_int8_impl<float>(hidden, p13, p2, E, weights, ids, static_cast<Int8Isa>(isa));
+    default:
+      TORCH_CHECK(false, "fused_moe_int8 serves bfloat16 and float32, not ", hidden.scalar_type());
+  }
+}
 
 // hidden [T, D]; w13 packed [E, 2I/16, D*16] (gate blocks, then up blocks); w2 packed [E, D/16, I*16];
 // topk_weights [T, k] float32; topk_ids [T, k] int64. Returns [T, D] in hidden's dtype.
