@@ -216,7 +216,9 @@ def test_checkpoint_is_in_the_published_fp8_form(ckpt):
 
 
 def test_linears_and_experts_stay_fp8(engine, ckpt):
-    from dsserve.core.reference import ReferenceQuantizedLinear, UnquantizedLinear
+    """Whichever method serves them (the reference's, or a device kernel's repacking), every quantized
+    linear keeps 1 byte per weight and gives back exactly the checkpoint's dequantised weight."""
+    from dsserve.core.reference import QuantizedWeights, UnquantizedLinear
     from dsserve.models.layers import Linear, RoutedExperts
 
     deq = ckpt[2]
@@ -225,15 +227,19 @@ def test_linears_and_experts_stay_fp8(engine, ckpt):
     for name, lin in linears.items():
         if name == "lm_head":
             assert isinstance(lin.method, UnquantizedLinear) and lin.method.spec.weight_block_size is None
-        else:
-            assert type(lin.method) is ReferenceQuantizedLinear, name
-            assert lin.method.spec.weight_block_size == (BLOCK, BLOCK)
-            assert lin.params["weight"].dtype == torch.float8_e4m3fn
+            continue
+        assert isinstance(lin.method, QuantizedWeights), name
+        assert lin.method.spec.weight_block_size == (BLOCK, BLOCK)
+        weights = [p for p in lin.params.values() if p.element_size() == 1]
+        assert sum(p.numel() for p in weights) == lin.method.spec.out_features * lin.method.spec.in_features, name
+        if name.endswith("kv_a_proj_with_mqa"):
+            layer = name.split(".")[1]
+            want = deq[f"model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight"]
+            assert torch.equal(lin.method.dequantized_weight(dict(lin.params)), want)
     routed = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     assert len(routed) == 2
     for i, m in zip((1, 2), routed):
-        assert m.spec.quant == "fp8_block" and m.w13["weight"].dtype == torch.float8_e4m3fn
-        assert m.w2["weight_scale_inv"].shape == (8, 2, 1)  # [E, D/128, I/128]
+        assert m.spec.quant == "fp8_block" and m.w2["weight_scale_inv"].shape == (8, 2, 1)  # [E, D/128, I/128]
         w13, w2 = _stored_experts(m)
         for e in (0, 5):
             p = f"model.layers.{i}.mlp.experts.{e}."
@@ -241,7 +247,7 @@ def test_linears_and_experts_stay_fp8(engine, ckpt):
             assert torch.equal(w13[e], want) and torch.equal(w2[e], deq[p + "down_proj.weight"])
     # the merged shared-expert gate/up: its scale rows come from both parts, in blocks
     shared = model.layers[1].mlp.shared_experts.gate_up_proj
-    got = ReferenceQuantizedLinear(shared.method.spec).dequantized_weight(dict(shared.params))
+    got = shared.method.dequantized_weight(dict(shared.params))
     p = "model.layers.1.mlp.shared_experts."
     assert torch.equal(got, torch.cat([deq[p + "gate_proj.weight"], deq[p + "up_proj.weight"]]))
 
@@ -255,16 +261,18 @@ def test_routed_experts_take_their_fp8_bytes_and_the_log_says_so(ckpt, runs, cap
 
     E, I, D = SIZES["n_routed_experts"], SIZES["moe_intermediate_size"], SIZES["hidden_size"]
     stored = E * (3 * I * D + 4 * (2 * (I // BLOCK) * (D // BLOCK) + (D // BLOCK) * (I // BLOCK)))
+    # a device kernel may add per-column copies of the scales (cpu: 4 bytes per row per 128 columns)
+    most = stored + E * 4 * 3 * I * D // BLOCK
     with (caplog.at_level("INFO", logger="dsserve.loader"),
           Engine(model_path=str(ckpt[0]), device="cpu", dtype="bfloat16", max_total_tokens=1024) as eng):
         for m in eng.runner.model.modules():
             if isinstance(m, RoutedExperts):
                 held = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n.startswith("w"))
-                assert held == stored
+                assert stored <= held <= most
         got = [_prompt_logits(eng, seq) for seq in runs.seqs]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("weights: ")]
     assert len(lines) == 1, lines
-    assert f"routed experts {2 * stored / 2**20:.1f} MiB" in lines[0] and "fp8_block 128x128" in lines[0]
+    assert "routed experts" in lines[0] and "fp8_block 128x128" in lines[0]
     err = _nerr(got, runs.oracle)
     print(f"\nbfloat16 W8A8 normalised logit error {err:.1e}")
     assert err < LOGIT_NERR
@@ -274,12 +282,18 @@ def test_absorbed_mla_weights_are_the_dequantised_kv_b_proj(engine, ckpt):
     """w_kc / w_vc come from `dequantized_weight`; applying the fp8 method to an identity matrix (the
     former way) gives the same values with the reference's per-token activation scales, since each
     one-hot row quantizes exactly (448 is an e4m3 value)."""
+    from dsserve.core.reference import ReferenceQuantizedLinear
+
     deq = ckpt[2]
     attn = engine.runner.model.layers[2].self_attn
     _assert_absorbed(attn, deq["model.layers.2.self_attn.kv_b_proj.weight"].view(2, 128, 128))
-    eye = torch.eye(128)
-    via_identity = attn.kv_b_proj.method.apply(dict(attn.kv_b_proj.params), eye).T
-    assert torch.equal(via_identity, attn.kv_b_proj.method.dequantized_weight(dict(attn.kv_b_proj.params)))
+    method, params = attn.kv_b_proj.method, dict(attn.kv_b_proj.params)
+    via_identity = method.apply(params, torch.eye(128)).T
+    want = method.dequantized_weight(params)
+    if type(method) is ReferenceQuantizedLinear:
+        assert torch.equal(via_identity, want)
+    else:  # a device kernel whose output passes through bfloat16 (cpu's weight-only fp8 path)
+        torch.testing.assert_close(via_identity, want, rtol=2 ** -8, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,11 +438,15 @@ def _assert_absorbed(attn, w: torch.Tensor) -> None:
 
 def _stored_experts(m) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed experts' real weights ([E, 2I, D], [E, D, I]) in float32, dequantised from the
-    checkpoint's format as stored."""
-    def real(w):
-        return torch.stack([m.format.dequantize({k: v[e] for k, v in w.items()}) for e in range(m.spec.num_experts)])
+    checkpoint's format as stored, or from the cpu kernel's packed bytes."""
+    from dsserve.plugins.cpu.packing import unpack_fp8
 
-    return real(m.w13), real(m.w2)
+    def real(w, k):
+        weight = unpack_fp8(w["packed"], k) if "packed" in w else w["weight"]
+        return torch.stack([m.format.dequantize({"weight": weight[e], "weight_scale_inv": w["weight_scale_inv"][e]})
+                            for e in range(m.spec.num_experts)])
+
+    return real(m.w13, m.spec.hidden_size), real(m.w2, m.spec.intermediate_size)
 
 
 def _ctx(rank: int, tp: int):

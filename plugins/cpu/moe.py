@@ -8,15 +8,23 @@ from dsserve.core.backends import MoESpec
 from dsserve.core.reference import ReferenceMoE
 
 from . import native
+from .fp8_linear import column_scales
 from .int8_linear import FORMATS as INT8_FORMATS
 from .int8_linear import activation_group, pack_w8a8
-from .packing import pack, packable
+from .native import Isa
+from .packing import pack, pack_fp8, packable
 
 
 def unsupported(spec: MoESpec) -> str | None:
     """Why the fused kernels cannot serve `spec` (None: they can)."""
-    if spec.quant not in ("none", *INT8_FORMATS):
+    if spec.quant not in ("none", "fp8_block", *INT8_FORMATS):
         return f"quantization {spec.quant!r}"
+    if spec.quant == "fp8_block":
+        if native.isa() is not Isa.AVX512_BF16:
+            return "fp8_block experts need AVX512-BF16"
+        bn, bk = spec.weight_block_size or (128, 128)
+        if bn % 16 or bk % 2 or spec.hidden_size % 2 or spec.intermediate_size % 2:
+            return f"fp8 blocks {bn}x{bk} (16-row blocks and even K needed)"
     for what, (n, k) in {"w13": (2 * spec.intermediate_size, spec.hidden_size),
                          "w2": (spec.hidden_size, spec.intermediate_size)}.items():
         reason = packable(n, k, spec.dtype)
@@ -68,3 +76,27 @@ class CpuInt8MoE(ReferenceMoE):
             hidden.contiguous(), w13["packed"], w13["comp"], w13["column_scale"], w2["packed"], w2["comp"],
             w2["column_scale"], topk_weights, topk_ids, activation_group(s.quant, self.format.block, s.hidden_size),
             activation_group(s.quant, self.format.block, s.intermediate_size), self.isa)
+
+
+class CpuFp8MoE(ReferenceMoE):
+    """FP8 weight-only experts (fp8_block, DeepSeek-V3/R1) through the fused C++ kernel on AVX512-BF16:
+    the experts stay e4m3 (1 byte per weight), widened to bfloat16 in registers; activations bfloat16
+    (see fp8_linear.py for why they are not rounded to 8 bits)."""
+
+    def __init__(self, spec: MoESpec, kernels):
+        super().__init__(spec)
+        self.kernels = kernels
+
+    def _pack(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = w["weight"].shape[-2]
+        return {"packed": pack_fp8(w["weight"]), "weight_scale_inv": w["weight_scale_inv"].float(),
+                "column_scale": column_scales(w["weight_scale_inv"], self.format.block[0], n)}
+
+    def process_weights_after_loading(self, w13, w2):
+        return self._pack(w13), self._pack(w2)
+
+    def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
+        out = self.kernels.fused_moe_fp8(hidden.to(torch.bfloat16).contiguous(), w13["packed"], w13["column_scale"],
+                                         w2["packed"], w2["column_scale"], topk_weights, topk_ids,
+                                         self.format.block[1])
+        return out.to(hidden.dtype)

@@ -65,3 +65,19 @@ def unpack_int8(packed: torch.Tensor, k: int) -> torch.Tensor:
     k4 = -(-k // 4)
     w = packed.reshape(*lead, nb, k4, BLOCK_N, 4).transpose(-3, -2)
     return w.reshape(*lead, nb * BLOCK_N, k4 * 4)[..., :k]
+
+
+def pack_fp8(w: torch.Tensor) -> torch.Tensor:
+    """W [..., N, K] float8_e4m3fn -> uint8 [..., N / 16, K * 16] in the bfloat16 pair layout (csrc/fp8_gemm.h)."""
+    *lead, n, k = w.shape
+    if w.dtype != torch.float8_e4m3fn or n % BLOCK_N or k % 2:
+        raise ValueError(f"cannot pack a [{n}, {k}] {w.dtype} weight as e4m3 blocks of {BLOCK_N} rows, K even")
+    pairs = w.view(torch.uint8).reshape(*lead, n // BLOCK_N, BLOCK_N, k // 2, 2).transpose(-3, -2)
+    return pairs.contiguous().reshape(*lead, n // BLOCK_N, k * BLOCK_N)
+
+
+def unpack_fp8(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `pack_fp8`."""
+    *lead, nb, _ = packed.shape
+    w = packed.reshape(*lead, nb, k // 2, BLOCK_N, 2).transpose(-3, -2)
+    return w.reshape(*lead, nb * BLOCK_N, k).view(torch.float8_e4m3fn)

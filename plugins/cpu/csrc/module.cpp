@@ -8,6 +8,11 @@ at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const
                           const at::Tensor& w13_scale, const at::Tensor& w2, const at::Tensor& w2_comp,
                           const at::Tensor& w2_scale, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                           int64_t group1, int64_t group2, int64_t isa);
+at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_scale,
+                         const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
+                         const at::Tensor& topk_ids, int64_t group);
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
+                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out);
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
                       const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -20,6 +25,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &dsserve_cpu::fused_moe, "routed experts of one MoE layer (packed weights)");
   m.def("fused_moe_int8", &dsserve_cpu::fused_moe_int8, "int8 W8A8 routed experts of one MoE layer");
+  m.def("fused_moe_fp8", &dsserve_cpu::fused_moe_fp8, "FP8 weight-only routed experts of one MoE layer");
+  m.def("fp8_linear", &dsserve_cpu::fp8_linear, "x W^T (+ b) with W kept e4m3, widened to bf16 in registers");
   m.def("packed_linear", &dsserve_cpu::packed_linear, "x W^T (+ b) on a packed weight");
   m.def("head_linear", &dsserve_cpu::head_linear, "per-head x W_h^T on per-head packed weights");
   m.def("int8_linear", &dsserve_cpu::int8_linear, "W8A8 x W^T (+ b): activations quantized in the call");

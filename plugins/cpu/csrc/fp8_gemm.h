@@ -1,0 +1,82 @@
+// FP8 (e4m3) weight-only GEMM for DeepSeek's FP8 checkpoints: the weights stay 1 byte each and are
+// widened to bfloat16 in registers (exact: every e4m3 value is a bfloat16 value), then multiplied by
+// bfloat16 activations with AVX512-BF16's vdpbf16ps; each block column of `group` k is summed on its own
+// and scaled by its weight scale in float32. No CPU has FP8 arithmetic; this reads half the bytes of a
+// bfloat16 weight.
+//
+// Packed layout (dsserve.plugins.cpu.packing.pack_fp8): W [N, K] e4m3 becomes N/16 blocks laid out as
+// the bfloat16 blocks of block_gemm.h, one byte per weight: block[(k / 2) * 32 + j * 2 + k % 2] =
+// W[n0 + j][k] (K even). One 32-byte load widens to one vdpbf16ps operand (16 columns x 2 k).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dsserve_cpu {
+
+constexpr int64_t kFp8BlockN = 16;
+
+// 32 e4m3fn bytes -> 32 bfloat16. Normal numbers (exponent field e > 0) move their exponent from bias
+// 7 to bias 127 (+120) and their 3 mantissa bits to the top of bfloat16's 7; subnormals (m x 2^-9) come
+// from an 8-entry table. 0x7f/0xff (e4m3fn's NaN, never in a checkpoint) would read as +-480.
+__attribute__((target("avx512f,avx512bw"))) inline __m512i e4m3_to_bf16(__m256i bytes) {
+  const __m512i b = _mm512_cvtepu8_epi16(bytes);
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x7f)), 4),
+                                          _mm512_set1_epi16(120 << 7));
+  // bfloat16 bits of m x 2^-9 for m = 0..7 (the rest of the table is never indexed)
+  const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
+  const __m512i sub = _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(7)), table);
+  const __mmask32 is_normal = _mm512_test_epi16_mask(b, _mm512_set1_epi16(0x78));
+  const __m512i v = _mm512_mask_blend_epi16(is_normal, sub, normal);
+  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8));
+}
+
+// y [ROWS, 16] = sum over the scale groups g of ws[g] * (x_rows[:, group g] . W_block[:, group g]^T).
+// x: bfloat16 rows (stride ldx, K even); w: the packed block; K2 = K / 2, group2 = group / 2;
+// ws [groups][16]: the block's per-column weight scales.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_fp8_dpbf16(
+    const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2, const float* ws, float* y) {
+  __m512 out[ROWS];
+  const int32_t* xp[ROWS];
+  for (int m = 0; m < ROWS; ++m) {
+    out[m] = _mm512_setzero_ps();
+    xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);  // a pair of bf16 along K per int32
+  }
+  for (int64_t g = 0, k0 = 0; k0 < K2; ++g, k0 += group2) {
+    const int64_t k1 = std::min(K2, k0 + group2);
+    __m512 a[ROWS];
+    for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_ps();
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const __m512i wv = e4m3_to_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk * 32)));
+      for (int m = 0; m < ROWS; ++m) a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)wv);
+    }
+    const __m512 s = _mm512_loadu_ps(ws + g * kFp8BlockN);
+    for (int m = 0; m < ROWS; ++m) out[m] = _mm512_fmadd_ps(a[m], s, out[m]);
+  }
+  for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(y + m * kFp8BlockN, out[m]);
+}
+
+template <int ROWS>
+inline void tile_fp8(int rows, const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2,
+                     const float* ws, float* y) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return tile_fp8<ROWS - 1>(rows, x, ldx, w, K2, group2, ws, y);
+  }
+  tile_fp8_dpbf16<ROWS>(x, ldx, w, K2, group2, ws, y);
+}
+
+// y [rows, 16] for one packed block and any number of rows, in tiles of 8 rows.
+inline void block_fp8_gemm(int64_t rows, const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K2,
+                           int64_t group2, const float* ws, float* y) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, rows - m0));
+    tile_fp8<8>(n, x + m0 * ldx, ldx, w, K2, group2, ws, y + m0 * kFp8BlockN);
+  }
+}
+
+}  // namespace dsserve_cpu

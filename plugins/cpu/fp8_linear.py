@@ -1,0 +1,61 @@
+"""FP8 weight-only linear layers (fp8_block, DeepSeek-V3/R1's checkpoints) through the C++ kernel
+(csrc/fp8_linear.cpp) on AVX512-BF16 CPUs.
+
+The weights stay e4m3 (1 byte each: V3/R1 need half the memory of a bfloat16 copy) and are widened to
+bfloat16 in registers, block column by block column, with the block's scale applied to each column's
+float32 sum. Activations are bfloat16 and not rounded to 8 bits: no CPU has FP8 arithmetic, so the
+W8A8 rounding of the GPU kernels (and of the reference, which follows them) would only cost accuracy
+here; the result is closer to the dequantised weight's product than the reference's.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsserve.core.backends import LinearSpec
+from dsserve.core.reference import QuantizedWeights
+
+from .packing import BLOCK_N, pack_fp8, unpack_fp8
+
+
+def unsupported(spec: LinearSpec, isa) -> str | None:
+    from .native import Isa
+
+    if spec.quant != "fp8_block":
+        return f"quantization {spec.quant!r}"
+    if isa is None or isa < Isa.AVX512_BF16:
+        return "the FP8 weight-only kernel needs AVX512-BF16"
+    bn, bk = spec.weight_block_size or (128, 128)
+    if spec.out_features % BLOCK_N or spec.in_features % 2 or bn % BLOCK_N or bk % 2:
+        return f"[{spec.out_features}, {spec.in_features}] with {bn}x{bk} blocks (16-row blocks, even K needed)"
+    return None
+
+
+def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
+    """Block scales [..., N/bn, G] -> per block of 16 columns, per group, per column: [..., N/16, G, 16]."""
+    per_column = scale.float().repeat_interleave(bn, -2)[..., :n, :]  # [..., N, G]
+    *lead, _, groups = per_column.shape
+    return per_column.reshape(*lead, n // BLOCK_N, BLOCK_N, groups).transpose(-2, -1).contiguous()
+
+
+class CpuFp8Linear(QuantizedWeights):
+    def __init__(self, spec: LinearSpec, kernels):
+        super().__init__(spec)
+        self.kernels = kernels
+
+    def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        bn, _ = self.format.block
+        out = {"packed": pack_fp8(params["weight"]), "weight_scale_inv": params["weight_scale_inv"].float(),
+               "column_scale": column_scales(params["weight_scale_inv"], bn, self.spec.out_features)}
+        if "bias" in params:
+            out["bias"] = params["bias"]
+        return out
+
+    def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        out = self.kernels.fp8_linear(rows, params["packed"], params["column_scale"], params.get("bias"),
+                                      self.format.block[1], x.dtype == torch.float32)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.spec.out_features)
+
+    def dequantized_weight(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight = unpack_fp8(params["packed"], self.spec.in_features)
+        return self.format.dequantize({"weight": weight, "weight_scale_inv": params["weight_scale_inv"]})
