@@ -1,0 +1,52 @@
+"""Decode speed of an Engine whose caller ran (or did not run) a parallel torch op on its own thread first.
+
+    python benchmarks/caller_threads.py clean
+    python benchmarks/caller_threads.py caller-ops
+
+Run the two alternately (the machine is noisy). See docs/benchmarks.md ("Why a caller's torch op slows
+the engine"): libgomp throttles every team's spinning once the process holds more OpenMP threads than
+CPUs, so the engine's workers sleep between parallel regions.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from dsserve.bench.bench_model import ensure_bench_model
+from dsserve.core.engine import Engine
+from dsserve.core.sampling_params import SamplingParams
+
+NEW_TOKENS = 48
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["clean", "caller-ops"])
+    parser.add_argument("--threads", type=int, default=2)
+    ns = parser.parse_args()
+    torch.set_num_threads(ns.threads)
+    if ns.mode == "caller-ops":
+        a = torch.randn(512, 512)
+        (a @ a).sum()  # this thread now owns an OpenMP team too
+    path = ensure_bench_model(log=lambda m: print(m, file=sys.stderr))
+    rng = random.Random(0)
+
+    def prompt() -> list[list[int]]:
+        return [[rng.randrange(100, 30000) for _ in range(32)]]
+
+    with Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=16384) as engine:
+        engine.generate(input_ids=prompt(), sampling_params=SamplingParams(max_new_tokens=4, temperature=0,
+                                                                         ignore_eos=True))  # warm-up
+        t = time.perf_counter()
+        engine.generate(input_ids=prompt(), sampling_params=SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0,
+                                                                         ignore_eos=True))
+        print(f"{ns.mode}: {NEW_TOKENS / (time.perf_counter() - t):.1f} tok/s (batch 1, prefill included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
