@@ -42,9 +42,10 @@ def test_unpackable_shapes_are_named():
     assert "multiple of 16" in unsupported(spec)
     assert "quantization 'awq'" in unsupported(MoESpec(8, 2, 64, 48, "sigmoid", "greedy", 1, 1, True, 1.0,
                                                        torch.bfloat16, quant="awq", weight_block_size=(1, 64)))
-    fp8 = unsupported(MoESpec(8, 2, 64, 48, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16,
-                              quant="fp8_block", weight_block_size=(16, 16)))
-    assert (fp8 is None) if BEST is native.Isa.AVX512_BF16 else ("AVX512-BF16" in fp8)
+    assert unsupported(MoESpec(8, 2, 64, 48, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16,
+                               quant="fp8_block", weight_block_size=(16, 16))) is None
+    assert "blocks" in unsupported(MoESpec(8, 2, 64, 48, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16,
+                                           quant="fp8_block", weight_block_size=(8, 8)))
 
 
 def test_isa_is_read_from_the_cpu_flags():
@@ -292,15 +293,16 @@ def test_int8_fused_moe_matches_the_reference(isa, dtype, fmt, block, tokens, ex
 
 # ------------------------------------------------------------------------------ fp8 weight-only
 
-needs_bf16_kernels = pytest.mark.skipif(
-    BEST is not native.Isa.AVX512_BF16 or native.kernels() is None,
-    reason="the FP8 weight-only kernels need AVX512-BF16 (and a C++ toolchain); the reference serves fp8_block")
+# the two variants: float32 activations with FMAs (AVX2, and AVX-512 without BF16) and bfloat16 with
+# vdpbf16ps (AVX512-BF16)
+FP8_VARIANTS = [pytest.param(i, id=i.name.lower()) for i in RUNNABLE if i is not native.Isa.AVX512]
 
 
-@needs_bf16_kernels
-def test_every_e4m3_value_widens_exactly():
-    """The in-register e4m3 -> bfloat16 conversion on all 254 finite codes (normals, subnormals, +-0)."""
-    from dsserve.plugins.cpu.fp8_linear import column_scales
+@needs_kernels
+@pytest.mark.parametrize("isa", FP8_VARIANTS)
+def test_every_e4m3_value_widens_exactly(isa):
+    """The in-register e4m3 widening on all 254 finite codes (normals, subnormals, +-0)."""
+    from dsserve.plugins.cpu.fp8_linear import activation_dtype, column_scales
     from dsserve.plugins.cpu.packing import pack_fp8, unpack_fp8
 
     codes = torch.arange(256, dtype=torch.uint8)
@@ -308,22 +310,23 @@ def test_every_e4m3_value_widens_exactly():
     w = codes.view(torch.float8_e4m3fn).reshape(16, 16).repeat(1, 2)  # [16, 32]
     packed = pack_fp8(w)
     assert torch.equal(unpack_fp8(packed, 32).view(torch.uint8), w.view(torch.uint8))
-    eye = torch.eye(32, dtype=torch.bfloat16)
-    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, False)
-    assert torch.equal(out.float(), w.float().t())
+    eye = torch.eye(32, dtype=activation_dtype(isa))
+    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, True)
+    assert torch.equal(out, w.float().t())
 
 
-@needs_bf16_kernels
+@needs_kernels
+@pytest.mark.parametrize("isa", FP8_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [(128, 128), (32, 64)])
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
     (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1030, False), (0, 32, 64, False)])
-def test_fp8_linear_is_the_dequantised_product(dtype, block, rows, out_features, in_features, bias):
-    """Weight-only: x (as bfloat16) times the dequantised weight, the block scales applied per block
-    column in float32; only float32 summation order and the output's rounding differ."""
+def test_fp8_linear_is_the_dequantised_product(isa, dtype, block, rows, out_features, in_features, bias):
+    """Weight-only: x (in the variant's activation dtype) times the dequantised weight, the block scales
+    applied per block column in float32; only float32 summation order and the output's rounding differ."""
     from dsserve.core.backends import LinearSpec
     from dsserve.core.quant import weight_format
-    from dsserve.plugins.cpu.fp8_linear import CpuFp8Linear
+    from dsserve.plugins.cpu.fp8_linear import CpuFp8Linear, activation_dtype
 
     gen = torch.Generator().manual_seed(rows + in_features)
     spec = LinearSpec(in_features, out_features, bias, dtype, "fp8_block", block)
@@ -334,27 +337,32 @@ def test_fp8_linear_is_the_dequantised_product(dtype, block, rows, out_features,
     if bias:
         stored["bias"] = (torch.randn(out_features, generator=gen) * 0.1).to(dtype)
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
-    method = CpuFp8Linear(spec, native.kernels())
+    method = CpuFp8Linear(spec, native.kernels(), isa)
     params = method.process_weights_after_loading(dict(stored))
     out = method.apply(params, x)
-    want = x.bfloat16().double() @ f.dequantize(stored).double().t() + (stored["bias"].double() if bias else 0)
+    xa = x.to(activation_dtype(isa)).double()
+    want = xa @ f.dequantize(stored).double().t() + (stored["bias"].double() if bias else 0)
     assert out.dtype == dtype and out.shape == (rows, out_features)
     if rows:
         err = float((out.double() - want).pow(2).sum() / want.pow(2).sum())
-        assert err < 1e-4, err  # the bfloat16 output's rounding (2^-9 relative): ~1e-6
+        # float32 output: summation order only (~1e-14); bfloat16: its rounding (2^-9 relative)
+        assert err < (1e-10 if dtype == torch.float32 else 1e-4), err
     assert torch.equal(method.dequantized_weight(params), f.dequantize(stored))
 
 
-@needs_bf16_kernels
+@needs_kernels
+@pytest.mark.parametrize("isa", FP8_VARIANTS)
 @pytest.mark.parametrize("tokens,experts,k,hidden,inter", [(1, 8, 2, 128, 64), (37, 16, 6, 256, 96), (0, 4, 2, 64, 32)])
-def test_fp8_fused_moe_is_the_dequantised_experts(tokens, experts, k, hidden, inter):
-    """fp8 experts as stored against the unquantized reference on the dequantised experts (bfloat16
-    activations both, the SiLU-and-mul row rounded to bfloat16 as the unquantized kernel does)."""
+def test_fp8_fused_moe_is_the_dequantised_experts(isa, tokens, experts, k, hidden, inter):
+    """fp8 experts as stored against the unquantized reference on the dequantised experts, both in the
+    variant's activation dtype (bfloat16: the SiLU-and-mul row rounded to bfloat16 in both)."""
     from dsserve.core.quant import weight_format
+    from dsserve.plugins.cpu.fp8_linear import activation_dtype
     from dsserve.plugins.cpu.moe import CpuFp8MoE
 
+    dtype = activation_dtype(isa)
     x, w13, w2, ids, weights = _case(tokens, experts, k, hidden, inter, torch.float32, seed=tokens + 9)
-    x = x.bfloat16()
+    x = x.to(dtype)
     f = weight_format("fp8_block", (32, 64))
 
     def stored(w):
@@ -362,16 +370,16 @@ def test_fp8_fused_moe_is_the_dequantised_experts(tokens, experts, k, hidden, in
         return {name: torch.stack([p[name] for p in per]) for name in per[0]}
 
     def dequantized(s):
-        return torch.stack([f.dequantize({n: t[e] for n, t in s.items()}) for e in range(experts)])
+        return torch.stack([f.dequantize({n: t[e] for n, t in s.items()}) for e in range(experts)]).to(dtype)
 
     s13, s2 = stored(w13), stored(w2)
-    spec = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16,
+    spec = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype,
                    quant="fp8_block", weight_block_size=(32, 64))
-    backend = CpuFp8MoE(spec, native.kernels())
+    backend = CpuFp8MoE(spec, native.kernels(), isa)
     out = backend.compute_experts(x, weights, ids, *backend.process_weights_after_loading(s13, s2))
-    plain = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16)
-    want = ReferenceMoE(plain).compute_experts(x, weights, ids, dequantized(s13).bfloat16(), dequantized(s2).bfloat16())
-    assert out.dtype == torch.bfloat16 and out.shape == (tokens, hidden)
+    plain = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype)
+    want = ReferenceMoE(plain).compute_experts(x, weights, ids, dequantized(s13), dequantized(s2))
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
     if tokens:
         err = float((out.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
-        assert err < BOUNDS[torch.bfloat16], err
+        assert err < BOUNDS[dtype], err

@@ -73,7 +73,7 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
     if kernels is not None and reason is None and spec.quant == "none":
         return CpuFusedMoE(spec, kernels, native.isa())
     if kernels is not None and reason is None and spec.quant == "fp8_block":
-        return CpuFp8MoE(spec, kernels)
+        return CpuFp8MoE(spec, kernels, native.isa())
     if kernels is not None and reason is None and native.int8_isa() is not None:
         return CpuInt8MoE(spec, kernels, native.int8_isa())
     if spec.quant != "none":
@@ -102,15 +102,15 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
 
 
 def _quantized_linear(spec: LinearSpec) -> LinearMethod | None:
-    """int8 W8A8 formats through the C++ VNNI/AVX2 kernel, fp8_block weight-only through the AVX512-BF16
+    """int8 W8A8 formats through the C++ VNNI/AVX2 kernel, fp8_block weight-only through the e4m3-widening
     kernel; the others (and unbuildable kernels) to the reference."""
     from . import fp8_linear, int8_linear, native
 
     kernels, isa = native.kernels(), native.int8_isa()
     if kernels is not None and isa is not None and int8_linear.unsupported(spec) is None:
         return int8_linear.CpuInt8Linear(spec, kernels, isa)
-    if kernels is not None and fp8_linear.unsupported(spec, native.isa()) is None:
-        return fp8_linear.CpuFp8Linear(spec, kernels)
+    if kernels is not None and fp8_linear.unsupported(spec) is None:
+        return fp8_linear.CpuFp8Linear(spec, kernels, native.isa())
     return None
 
 

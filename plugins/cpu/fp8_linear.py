@@ -1,33 +1,41 @@
 """FP8 weight-only linear layers (fp8_block, DeepSeek-V3/R1's checkpoints) through the C++ kernel
-(csrc/fp8_linear.cpp) on AVX512-BF16 CPUs.
+(csrc/fp8_linear.cpp).
 
-The weights stay e4m3 (1 byte each: V3/R1 need half the memory of a bfloat16 copy) and are widened to
-bfloat16 in registers, block column by block column, with the block's scale applied to each column's
-float32 sum. Activations are bfloat16 and not rounded to 8 bits: no CPU has FP8 arithmetic, so the
-W8A8 rounding of the GPU kernels (and of the reference, which follows them) would only cost accuracy
-here; the result is closer to the dequantised weight's product than the reference's.
+The weights stay e4m3 (1 byte each: V3/R1 need half the memory of a bfloat16 copy) and are widened in
+registers, block column by block column, with the block's scale applied to each column's float32 sum:
+to bfloat16 for vdpbf16ps on bfloat16 activations where the CPU has AVX512-BF16, to float32 for FMAs on
+float32 activations elsewhere (AVX2). Activations are not rounded to 8 bits: no CPU has FP8
+arithmetic, so the W8A8 rounding of the GPU kernels (and of the reference, which follows them) would
+only cost accuracy here; the result is closer to the dequantised weight's product than the reference's.
 """
 from __future__ import annotations
 
 import torch
 
-from dsserve.core.backends import LinearSpec
+from dsserve.core.backends import LinearSpec, MoESpec
 from dsserve.core.reference import QuantizedWeights
 
+from .native import Isa
 from .packing import BLOCK_N, pack_fp8, unpack_fp8
 
 
-def unsupported(spec: LinearSpec, isa) -> str | None:
-    from .native import Isa
-
+def unsupported(spec: LinearSpec | MoESpec) -> str | None:
     if spec.quant != "fp8_block":
         return f"quantization {spec.quant!r}"
-    if isa is None or isa < Isa.AVX512_BF16:
-        return "the FP8 weight-only kernel needs AVX512-BF16"
     bn, bk = spec.weight_block_size or (128, 128)
-    if spec.out_features % BLOCK_N or spec.in_features % 2 or bn % BLOCK_N or bk % 2:
-        return f"[{spec.out_features}, {spec.in_features}] with {bn}x{bk} blocks (16-row blocks, even K needed)"
+    if bn % BLOCK_N or bk % 2:
+        return f"{bn}x{bk} blocks (multiples of 16 rows and even columns needed)"
+    shapes = ([(spec.out_features, spec.in_features)] if isinstance(spec, LinearSpec) else
+              [(2 * spec.intermediate_size, spec.hidden_size), (spec.hidden_size, spec.intermediate_size)])
+    for n, k in shapes:
+        if n % BLOCK_N or k % 2:
+            return f"a [{n}, {k}] weight (16-row blocks and even K needed)"
     return None
+
+
+def activation_dtype(isa: Isa) -> torch.dtype:
+    """bfloat16 where the CPU has vdpbf16ps, float32 (exact FMAs) elsewhere."""
+    return torch.bfloat16 if isa >= Isa.AVX512_BF16 else torch.float32
 
 
 def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
@@ -38,9 +46,9 @@ def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
 
 
 class CpuFp8Linear(QuantizedWeights):
-    def __init__(self, spec: LinearSpec, kernels):
+    def __init__(self, spec: LinearSpec, kernels, isa: Isa):
         super().__init__(spec)
-        self.kernels = kernels
+        self.kernels, self.act_dtype = kernels, activation_dtype(isa)
 
     def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bn, _ = self.format.block
@@ -51,7 +59,7 @@ class CpuFp8Linear(QuantizedWeights):
         return out
 
     def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
         out = self.kernels.fp8_linear(rows, params["packed"], params["column_scale"], params.get("bias"),
                                       self.format.block[1], x.dtype == torch.float32)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.spec.out_features)

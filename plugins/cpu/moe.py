@@ -8,10 +8,10 @@ from dsserve.core.backends import MoESpec
 from dsserve.core.reference import ReferenceMoE
 
 from . import native
-from .fp8_linear import column_scales
+from .fp8_linear import activation_dtype, column_scales
+from .fp8_linear import unsupported as fp8_unsupported
 from .int8_linear import FORMATS as INT8_FORMATS
 from .int8_linear import activation_group, pack_w8a8
-from .native import Isa
 from .packing import pack, pack_fp8, packable
 
 
@@ -19,12 +19,10 @@ def unsupported(spec: MoESpec) -> str | None:
     """Why the fused kernels cannot serve `spec` (None: they can)."""
     if spec.quant not in ("none", "fp8_block", *INT8_FORMATS):
         return f"quantization {spec.quant!r}"
+    if spec.intermediate_size % 16:
+        return f"intermediate_size {spec.intermediate_size} is not a multiple of 16 (gate and up blocks)"
     if spec.quant == "fp8_block":
-        if native.isa() is not Isa.AVX512_BF16:
-            return "fp8_block experts need AVX512-BF16"
-        bn, bk = spec.weight_block_size or (128, 128)
-        if bn % 16 or bk % 2 or spec.hidden_size % 2 or spec.intermediate_size % 2:
-            return f"fp8 blocks {bn}x{bk} (16-row blocks and even K needed)"
+        return fp8_unsupported(spec)
     for what, (n, k) in {"w13": (2 * spec.intermediate_size, spec.hidden_size),
                          "w2": (spec.hidden_size, spec.intermediate_size)}.items():
         reason = packable(n, k, spec.dtype)
@@ -32,8 +30,6 @@ def unsupported(spec: MoESpec) -> str | None:
             return f"{what}: {reason}"
     if spec.quant == "int8_block" and spec.weight_block_size and spec.weight_block_size[1] % 4:
         return f"weight block {spec.weight_block_size}: the input block must be a multiple of 4"
-    if spec.intermediate_size % 16:
-        return f"intermediate_size {spec.intermediate_size} is not a multiple of 16 (gate and up blocks)"
     return None
 
 
@@ -79,13 +75,13 @@ class CpuInt8MoE(ReferenceMoE):
 
 
 class CpuFp8MoE(ReferenceMoE):
-    """FP8 weight-only experts (fp8_block, DeepSeek-V3/R1) through the fused C++ kernel on AVX512-BF16:
-    the experts stay e4m3 (1 byte per weight), widened to bfloat16 in registers; activations bfloat16
-    (see fp8_linear.py for why they are not rounded to 8 bits)."""
+    """FP8 weight-only experts (fp8_block, DeepSeek-V3/R1) through the fused C++ kernel: the experts stay
+    e4m3 (1 byte per weight), widened in registers; activations bfloat16 on AVX512-BF16 CPUs, float32
+    elsewhere (see fp8_linear.py for why they are not rounded to 8 bits)."""
 
-    def __init__(self, spec: MoESpec, kernels):
+    def __init__(self, spec: MoESpec, kernels, isa: native.Isa):
         super().__init__(spec)
-        self.kernels = kernels
+        self.kernels, self.act_dtype = kernels, activation_dtype(isa)
 
     def _pack(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = w["weight"].shape[-2]
@@ -96,7 +92,7 @@ class CpuFp8MoE(ReferenceMoE):
         return self._pack(w13), self._pack(w2)
 
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
-        out = self.kernels.fused_moe_fp8(hidden.to(torch.bfloat16).contiguous(), w13["packed"], w13["column_scale"],
+        out = self.kernels.fused_moe_fp8(hidden.to(self.act_dtype).contiguous(), w13["packed"], w13["column_scale"],
                                          w2["packed"], w2["column_scale"], topk_weights, topk_ids,
                                          self.format.block[1])
         return out.to(hidden.dtype)

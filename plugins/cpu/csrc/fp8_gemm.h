@@ -1,8 +1,8 @@
 // FP8 (e4m3) weight-only GEMM for DeepSeek's FP8 checkpoints: the weights stay 1 byte each and are
-// widened to bfloat16 in registers (exact: every e4m3 value is a bfloat16 value), then multiplied by
-// bfloat16 activations with AVX512-BF16's vdpbf16ps; each block column of `group` k is summed on its own
-// and scaled by its weight scale in float32. No CPU has FP8 arithmetic; this reads half the bytes of a
-// bfloat16 weight.
+// widened in registers (exact: every e4m3 value is a bfloat16 value), to bfloat16 for AVX512-BF16's
+// vdpbf16ps on bfloat16 activations, or to float32 for FMAs on float32 activations (AVX2, and AVX-512
+// CPUs without BF16); each block column of `group` k is summed on its own and scaled by its weight scale
+// in float32. No CPU has FP8 arithmetic; this reads half the bytes of a bfloat16 weight.
 //
 // Packed layout (dsserve.plugins.cpu.packing.pack_fp8): W [N, K] e4m3 becomes N/16 blocks laid out as
 // the bfloat16 blocks of block_gemm.h, one byte per weight: block[(k / 2) * 32 + j * 2 + k % 2] =
@@ -76,6 +76,73 @@ inline void block_fp8_gemm(int64_t rows, const at::BFloat16* x, int64_t ldx, con
   for (int64_t m0 = 0; m0 < rows; m0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, rows - m0));
     tile_fp8<8>(n, x + m0 * ldx, ldx, w, K2, group2, ws, y + m0 * kFp8BlockN);
+  }
+}
+
+// 8 e4m3fn bytes -> 8 float32, as e4m3_to_bf16 widens them (normals re-biased by +120 in the exponent,
+// subnormals m x 2^-9 computed exactly).
+__attribute__((target("avx2,fma"))) inline __m256 e4m3_to_f32(__m128i bytes8) {
+  const __m256i b = _mm256_cvtepu8_epi32(bytes8);
+  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7f)), 20),
+                                          _mm256_set1_epi32(120 << 23));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(7))),
+                                   _mm256_set1_ps(1.0f / 512.0f));
+  const __m256 is_sub = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
+  const __m256 v = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+}
+
+// The float32 variant of tile_fp8_dpbf16 on the same packed block: each 8-byte quarter of a group of
+// 2 k holds 4 columns x 2 k; the lanes keep the two k apart (x broadcast as [x0 x1] x 4) and are added
+// in pairs when the scale group ends.
+template <int ROWS>
+__attribute__((target("avx2,fma"))) void tile_fp8_avx2(
+    const float* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2, const float* ws, float* y) {
+  for (int m = 0; m < ROWS; ++m)
+    for (int j = 0; j < kFp8BlockN; ++j) y[m * kFp8BlockN + j] = 0.0f;
+  for (int64_t g = 0, k0 = 0; k0 < K2; ++g, k0 += group2) {
+    const int64_t k1 = std::min(K2, k0 + group2);
+    __m256 a[ROWS][4];
+    for (int m = 0; m < ROWS; ++m)
+      for (int q = 0; q < 4; ++q) a[m][q] = _mm256_setzero_ps();
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      __m256 wq[4];
+      for (int q = 0; q < 4; ++q)
+        wq[q] = e4m3_to_f32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + kk * 32 + q * 8)));
+      for (int m = 0; m < ROWS; ++m) {
+        const __m256 xv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x + m * ldx + 2 * kk)));
+        for (int q = 0; q < 4; ++q) a[m][q] = _mm256_fmadd_ps(wq[q], xv, a[m][q]);
+      }
+    }
+    for (int m = 0; m < ROWS; ++m)
+      for (int q = 0; q < 4; ++q) {
+        alignas(32) float lanes[8];  // [c0 k0, c0 k1, c1 k0, c1 k1, ...] of the quarter's 4 columns
+        _mm256_store_ps(lanes, a[m][q]);
+        for (int c = 0; c < 4; ++c) {
+          const int j = q * 4 + c;
+          y[m * kFp8BlockN + j] += (lanes[2 * c] + lanes[2 * c + 1]) * ws[g * kFp8BlockN + j];
+        }
+      }
+  }
+}
+
+template <int ROWS>
+inline void tile_fp8_f32(int rows, const float* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2,
+                         const float* ws, float* y) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return tile_fp8_f32<ROWS - 1>(rows, x, ldx, w, K2, group2, ws, y);
+  }
+  tile_fp8_avx2<ROWS>(x, ldx, w, K2, group2, ws, y);
+}
+
+// float32 activations: tiles of 2 rows (four accumulators a row stay in AVX2's 16 registers).
+inline void block_fp8_gemm(int64_t rows, const float* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2,
+                           const float* ws, float* y) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 2) {
+    const int n = static_cast<int>(std::min<int64_t>(2, rows - m0));
+    tile_fp8_f32<2>(n, x + m0 * ldx, ldx, w, K2, group2, ws, y + m0 * kFp8BlockN);
   }
 }
 

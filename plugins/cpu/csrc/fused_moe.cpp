@@ -194,30 +194,33 @@ at::Tensor fused_moe_int8_impl(const at::Tensor& hidden, const Int8Experts& w13,
   return out.to(hidden.scalar_type());
 }
 
-// FP8 weight-only experts (fp8_block) on AVX512-BF16: bfloat16 activations (the SiLU-and-mul row
-// rounded to bfloat16, as the unquantized kernel keeps it), e4m3 weights widened in registers.
+// FP8 weight-only experts (fp8_block): activations T = bfloat16 on AVX512-BF16 CPUs (the SiLU-and-mul
+// row rounded to bfloat16, as the unquantized kernel keeps it), float32 elsewhere; e4m3 weights widened
+// in registers (fp8_gemm.h).
 struct Fp8Experts {
   const uint8_t* packed;  // [E, blocks, K * 16]
   const float* scale;     // [E, blocks, groups, 16]
   int64_t blocks, K, group;
   int64_t groups() const { return (K + group - 1) / group; }
-  void gemm(int64_t e, int64_t b, int64_t rows, const at::BFloat16* x, float* y) const {
+  template <typename T>
+  void gemm(int64_t e, int64_t b, int64_t rows, const T* x, float* y) const {
     block_fp8_gemm(rows, x, K, packed + (e * blocks + b) * K * kFp8BlockN, K / 2, group / 2,
                    scale + (e * blocks + b) * groups() * kFp8BlockN, y);
   }
 };
 
-at::Tensor fused_moe_fp8_impl(const at::Tensor& hidden, const Fp8Experts& w13, const Fp8Experts& w2,
-                              int64_t E, const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+template <typename T>
+at::Tensor fused_moe_fp8_impl(const at::Tensor& hidden, const Fp8Experts& w13, const Fp8Experts& w2, int64_t E,
+                              const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
   const int64_t tokens = hidden.size(0), D = hidden.size(1), inter_blocks = w13.blocks / 2, I = w2.K;
   const Grouping g = group_by_expert(topk_ids, topk_weights, E);
   const int64_t pairs = static_cast<int64_t>(g.token.size());
   int64_t most = 0;
   for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
   const at::Tensor xs = hidden.index_select(0, torch::tensor(g.token, torch::kInt64));
-  const at::BFloat16* x = xs.data_ptr<at::BFloat16>();
+  const T* x = xs.data_ptr<T>();
   at::Tensor act = at::empty({pairs, I}, hidden.options());
-  at::BFloat16* a = act.data_ptr<at::BFloat16>();
+  T* a = act.data_ptr<T>();
   at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(most * kFp8BlockN), up(most * kFp8BlockN);
     for (int64_t b = begin; b < end; ++b) {
@@ -228,8 +231,7 @@ at::Tensor fused_moe_fp8_impl(const at::Tensor& hidden, const Fp8Experts& w13, c
         w13.gemm(e, inter_blocks + b, rows, x + p * D, up.data());
         for (int64_t m = 0; m < rows; ++m)
           for (int j = 0; j < kFp8BlockN; ++j)
-            a[(p + m) * I + b * kFp8BlockN + j] =
-                static_cast<at::BFloat16>(silu(gate[m * kFp8BlockN + j]) * up[m * kFp8BlockN + j]);
+            a[(p + m) * I + b * kFp8BlockN + j] = static_cast<T>(silu(gate[m * kFp8BlockN + j]) * up[m * kFp8BlockN + j]);
       }
     }
   });
@@ -305,19 +307,24 @@ at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const
   }
 }
 
-// hidden [T, D] bfloat16; w13 (gate blocks, then up blocks) and w2 as e4m3 bytes packed per expert
+// hidden [T, D], bfloat16 (AVX512-BF16 CPUs only) or float32; w13 (gate blocks, then up blocks) and w2
+// as e4m3 bytes packed per expert
 // ([E, 2I/16, D*16], [E, D/16, I*16]) with per-column scales [E, blocks, groups, 16] per group of
 // `group` k. Returns [T, D] float32 (the sums; a float32 model keeps them).
 at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_scale,
                          const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
                          const at::Tensor& topk_ids, int64_t group) {
-  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && hidden.scalar_type() == at::kBFloat16,
-              "hidden must be a contiguous bfloat16 [T, D] tensor");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [T, D] tensor");
   const int64_t D = hidden.size(1), E = w13.size(0), I = w13.size(1) / 2 * kFp8BlockN;
   TORCH_CHECK(w2.size(0) == E && w2.size(1) * kFp8BlockN == D, "w2 does not match hidden_size ", D);
   const auto p13 = fp8_experts(w13, w13_scale, D, group, "w13");
   const auto p2 = fp8_experts(w2, w2_scale, I, group, "w2");
-  return fused_moe_fp8_impl(hidden, p13, p2, E, topk_weights.to(at::kFloat).contiguous(), topk_ids.contiguous());
+  const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  switch (hidden.scalar_type()) {
+    case at::kBFloat16: return fused_moe_fp8_impl<at::BFloat16>(hidden, p13, p2, E, weights, ids);
+    case at::kFloat: return fused_moe_fp8_impl<float>(hidden, p13, p2, E, weights, ids);
+    default: TORCH_CHECK(false, "fused_moe_fp8 takes bfloat16 or float32 hidden states, not ", hidden.scalar_type());
+  }
 }
 
 // hidden [T, D]; w13 packed [E, 2I/16, D*16] (gate blocks, then up blocks); w2 packed [E, D/16, I*16];
