@@ -8,11 +8,14 @@ oneDNN on weights reordered once at load (`onednn.py`) on CPUs with AMX. Routed 
 through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
 at load, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
 on first use); where it cannot be built, or for a spec it does not serve, the reference does.
-int8 W8A8 linear layers (int8_channel, int8_block) run through the C++ int8 kernel
-(`int8_linear.py`, csrc/int8_linear.cpp: activations quantized in the call, vpdpbusd on AVX512-VNNI
-CPUs, int16 vpmaddwd on AVX2). MHA attention, the other quantized formats and collectives are the
-core's torch-native reference implementations for now: a spec this module does not serve is answered
-None, so the reference decides for itself.
+Quantized checkpoints keep their bytes: int8 W8A8 linear layers and experts (int8_channel,
+int8_block) run through the C++ int8 kernels (`int8_linear.py`, csrc/int8_linear.cpp and
+fused_moe.cpp: activations quantized in the call as the reference rounds them, vpdpbusd on
+AVX512-VNNI CPUs, int16 vpmaddwd on AVX2), and FP8 weight-only ones (fp8_block, DeepSeek-V3/R1) through
+the e4m3-widening kernels (`fp8_linear.py`, csrc/fp8_gemm.h: to bfloat16 for vdpbf16ps, or to float32
+for FMAs without AVX512-BF16). MHA attention, AWQ and collectives are the core's torch-native reference
+implementations for now: a spec this module does not serve is answered None, so the reference decides
+for itself.
 """
 from __future__ import annotations
 
