@@ -176,7 +176,8 @@ def runs(ckpt) -> Runs:
 
 @pytest.fixture(scope="module")
 def w8a8(engine, runs) -> list[torch.Tensor]:
-    """dsserve's logits (reference W8A8 fp8 linears, float32) at every position of the sequences."""
+    """dsserve's logits (float32; the cpu plugin's fp8 methods: the reference's W8A8, or the C++ kernels'
+    weight-only path, which keeps activations unrounded) at every position of the sequences."""
     return [_prompt_logits(engine, seq) for seq in runs.seqs]
 
 
@@ -274,7 +275,7 @@ def test_routed_experts_take_their_fp8_bytes_and_the_log_says_so(ckpt, runs, cap
     assert len(lines) == 1, lines
     assert "routed experts" in lines[0] and "fp8_block 128x128" in lines[0]
     err = _nerr(got, runs.oracle)
-    print(f"\nbfloat16 W8A8 normalised logit error {err:.1e}")
+    print(f"\nbfloat16 fp8 normalised logit error {err:.1e}")
     assert err < LOGIT_NERR
 
 
@@ -334,7 +335,7 @@ def test_w8a8_logit_error_is_that_of_fp8_rounding(w8a8, runs):
     alike, so swapping the routed experts' scale blocks costs only 5e-3 here. The float32-exact test
     above is the one that catches those; measured on that mistake: 5.3e-3 against its 1e-9.)"""
     err, weights = _nerr(w8a8, runs.oracle), _nerr(runs.oracle, runs.source)
-    print(f"\nW8A8 normalised logit error {err:.1e}; the weight rounding's {weights:.1e}")
+    print(f"\nfp8 methods' normalised logit error {err:.1e}; the weight rounding's {weights:.1e}")
     assert err < 2 * weights and err < LOGIT_NERR
 
 
