@@ -3,7 +3,8 @@
 Extend loops over sequences (each has its own prefix and causal mask) and lets
 `scaled_dot_product_attention` do the work; decode pads every sequence's context to the longest one
 and runs the batch in a few batched calls. Half-precision tensors are computed in float32: the
-reference is an oracle first, and a subclass that prefers speed can set `upcast_half = False`.
+reference is an oracle first, and a subclass that prefers speed can set `upcast_half = False` (or
+`upcast_half_decode = False` to keep only decode in the half dtype; softmax stays float32 either way).
 
 The cache may be in another dtype than the queries (an 8-bit float cache, `--kv-cache-dtype
 fp8_e4m3`): new tokens are written through `to_cache` (divided by the spec's kv_scale, clamped,
@@ -155,6 +156,7 @@ class _ReferenceAttention:
     """What the MLA and MHA references share: the per-pass plans and the compute dtype."""
 
     upcast_half = True
+    upcast_half_decode = True
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -163,8 +165,9 @@ class _ReferenceAttention:
     def prepare(self, meta: AttentionMetadata) -> None:
         self._plans.prepare(meta)
 
-    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return torch.float32 if (self.upcast_half and dtype in _HALF) else dtype
+    def _compute_dtype(self, dtype: torch.dtype, decode: bool = False) -> torch.dtype:
+        upcast = self.upcast_half and (self.upcast_half_decode or not decode)
+        return torch.float32 if (upcast and dtype in _HALF) else dtype
 
     def _write(self, flat: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
         write_cache(flat, loc, rows, self.spec.kv_scale)
@@ -260,7 +263,7 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
     def forward_decode(self, q, k, v, cache, meta):
         k_flat, v_flat = self._write_kv(k, v, cache, meta)
         plan = self._plans.decode(meta)
-        cd = self._compute_dtype(q.dtype)
+        cd = self._compute_dtype(q.dtype, decode=True)
         batch, heads, dim = q.shape
         kv_heads, dim_v = k_flat.shape[1], v_flat.shape[2]
         group = heads // kv_heads

@@ -13,9 +13,10 @@ int8_block) run through the C++ int8 kernels (`int8_linear.py`, csrc/int8_linear
 fused_moe.cpp: activations quantized in the call as the reference rounds them, vpdpbusd on
 AVX512-VNNI CPUs, int16 vpmaddwd on AVX2), and FP8 weight-only ones (fp8_block, DeepSeek-V3/R1) through
 the e4m3-widening kernels (`fp8_linear.py`, csrc/fp8_gemm.h: to bfloat16 for vdpbf16ps, or to float32
-for FMAs without AVX512-BF16). MHA attention, AWQ and collectives are the core's torch-native reference
-implementations for now: a spec this module does not serve is answered None, so the reference decides
-for itself.
+for FMAs without AVX512-BF16). MHA/GQA attention runs on torch's SDPA kernels with decode kept in the
+cache's half dtype (`CpuMHAAttention`). AWQ, 8-bit caches and collectives are the core's torch-native
+reference implementations for now: a spec this module does not serve is answered None, so the reference
+decides for itself.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
     from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention
 
     from . import native
-    from .attention import CpuMLAAttention, unsupported
+    from .attention import CpuMHAAttention, CpuMLAAttention, unsupported
 
     kernels = native.kernels()
     reason = unsupported(spec)
@@ -62,6 +63,8 @@ def dsserve_attention_backend(device: Device, spec: AttentionSpec) -> AttentionB
         logging.getLogger("dsserve").info("cpu: MLA attention by the torch reference (%s)", reason)
     if spec.kind == "mla":
         return ReferenceMLAAttention(spec)
+    if spec.kind == "mha" and not spec.fp8_cache:
+        return CpuMHAAttention(spec)
     if spec.kind == "mha":
         return ReferenceMHAAttention(spec)
     return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dsserve.core.backends import AttentionSpec
-from dsserve.core.reference import ReferenceMLAAttention, write_cache
+from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, write_cache
 
 from .packing import pack, packable, unpack
 
@@ -66,3 +66,13 @@ class CpuMLAAttention(ReferenceMLAAttention):
         out = self.kernels.mla_decode(q, flat, meta.page_table, meta.seq_lens, meta.page_size,
                                       self.spec.kv_lora_rank, self.spec.scale, chunks)
         return out.to(q_latent.dtype)
+
+
+class CpuMHAAttention(ReferenceMHAAttention):
+    """MHA/GQA (the R1-Distill models) through torch's SDPA kernels on the gathered pages. Decode stays
+    in a half-precision cache's dtype (SDPA accumulates and takes the softmax in float32): 16 sequences
+    x 1024 cached tokens, 16 heads, went from 7.7 ms (float32 upcast) to 4.2 ms a layer on a Zen 4.
+    Prefill keeps the reference's float32 upcast, which measured faster there (32 against 40 ms for
+    512 tokens, causal)."""
+
+    upcast_half_decode = False
