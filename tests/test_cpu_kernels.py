@@ -295,12 +295,23 @@ def test_int8_fused_moe_matches_the_reference(isa, dtype, fmt, block, tokens, ex
 
 # the two variants: float32 activations with FMAs (AVX2, and AVX-512 without BF16) and bfloat16 with
 # vdpbf16ps (AVX512-BF16)
-FP8_VARIANTS = [pytest.param(i, id=i.name.lower()) for i in RUNNABLE if i is not native.Isa.AVX512]
+FP8_VARIANTS = [pytest.param(i, False, id=i.name.lower()) for i in RUNNABLE if i is not native.Isa.AVX512]
+if native.fp8_vbmi():  # and bfloat16 widened by AVX512-VBMI table lookups
+    FP8_VARIANTS.append(pytest.param(native.Isa.AVX512_BF16, True, id="avx512_bf16-vbmi"))
+
+
+def test_fp8_vbmi_packing_round_trips():
+    from dsserve.plugins.cpu.packing import pack_fp8, unpack_fp8
+
+    w = torch.randn(2, 32, 72).to(torch.float8_e4m3fn)
+    plain, vbmi = pack_fp8(w), pack_fp8(w, vbmi=True)
+    assert not torch.equal(plain, vbmi)
+    assert torch.equal(unpack_fp8(vbmi, 72, vbmi=True).view(torch.uint8), w.view(torch.uint8))
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", FP8_VARIANTS)
-def test_every_e4m3_value_widens_exactly(isa):
+@pytest.mark.parametrize("isa,vbmi", FP8_VARIANTS)
+def test_every_e4m3_value_widens_exactly(isa, vbmi):
     """The in-register e4m3 widening on all 254 finite codes (normals, subnormals, +-0)."""
     from dsserve.plugins.cpu.fp8_linear import activation_dtype, column_scales
     from dsserve.plugins.cpu.packing import pack_fp8, unpack_fp8
@@ -308,20 +319,20 @@ def test_every_e4m3_value_widens_exactly(isa):
     codes = torch.arange(256, dtype=torch.uint8)
     codes[0x7F] = codes[0xFF] = 0  # e4m3fn's NaN codes, never in a checkpoint
     w = codes.view(torch.float8_e4m3fn).reshape(16, 16).repeat(1, 2)  # [16, 32]
-    packed = pack_fp8(w)
-    assert torch.equal(unpack_fp8(packed, 32).view(torch.uint8), w.view(torch.uint8))
+    packed = pack_fp8(w, vbmi)
+    assert torch.equal(unpack_fp8(packed, 32, vbmi).view(torch.uint8), w.view(torch.uint8))
     eye = torch.eye(32, dtype=activation_dtype(isa))
-    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, True)
+    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, True, vbmi)
     assert torch.equal(out, w.float().t())
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", FP8_VARIANTS)
+@pytest.mark.parametrize("isa,vbmi", FP8_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [(128, 128), (32, 64)])
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
-    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1030, False), (0, 32, 64, False)])
-def test_fp8_linear_is_the_dequantised_product(isa, dtype, block, rows, out_features, in_features, bias):
+    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1032, False), (0, 32, 64, False), (3, 32, 1030, False)])
+def test_fp8_linear_is_the_dequantised_product(isa, vbmi, dtype, block, rows, out_features, in_features, bias):
     """Weight-only: x (in the variant's activation dtype) times the dequantised weight, the block scales
     applied per block column in float32; only float32 summation order and the output's rounding differ."""
     from dsserve.core.backends import LinearSpec
@@ -337,7 +348,8 @@ def test_fp8_linear_is_the_dequantised_product(isa, dtype, block, rows, out_feat
     if bias:
         stored["bias"] = (torch.randn(out_features, generator=gen) * 0.1).to(dtype)
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
-    method = CpuFp8Linear(spec, native.kernels(), isa)
+    method = CpuFp8Linear(spec, native.kernels(), isa, vbmi)
+    assert method.vbmi == (vbmi and in_features % 4 == 0)  # K % 4 != 0 falls back to the plain packing
     params = method.process_weights_after_loading(dict(stored))
     out = method.apply(params, x)
     xa = x.to(activation_dtype(isa)).double()
@@ -351,9 +363,9 @@ def test_fp8_linear_is_the_dequantised_product(isa, dtype, block, rows, out_feat
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", FP8_VARIANTS)
+@pytest.mark.parametrize("isa,vbmi", FP8_VARIANTS)
 @pytest.mark.parametrize("tokens,experts,k,hidden,inter", [(1, 8, 2, 128, 64), (37, 16, 6, 256, 96), (0, 4, 2, 64, 32)])
-def test_fp8_fused_moe_is_the_dequantised_experts(isa, tokens, experts, k, hidden, inter):
+def test_fp8_fused_moe_is_the_dequantised_experts(isa, vbmi, tokens, experts, k, hidden, inter):
     """fp8 experts as stored against the unquantized reference on the dequantised experts, both in the
     variant's activation dtype (bfloat16: the SiLU-and-mul row rounded to bfloat16 in both)."""
     from dsserve.core.quant import weight_format
@@ -375,7 +387,8 @@ def test_fp8_fused_moe_is_the_dequantised_experts(isa, tokens, experts, k, hidde
     s13, s2 = stored(w13), stored(w2)
     spec = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype,
                    quant="fp8_block", weight_block_size=(32, 64))
-    backend = CpuFp8MoE(spec, native.kernels(), isa)
+    backend = CpuFp8MoE(spec, native.kernels(), isa, vbmi)
+    assert backend.vbmi == vbmi
     out = backend.compute_experts(x, weights, ids, *backend.process_weights_after_loading(s13, s2))
     plain = MoESpec(experts, k, hidden, inter, "sigmoid", "greedy", 1, 1, True, 1.0, dtype)
     want = ReferenceMoE(plain).compute_experts(x, weights, ids, dequantized(s13), dequantized(s2))

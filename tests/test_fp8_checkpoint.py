@@ -443,7 +443,7 @@ def _stored_experts(m) -> tuple[torch.Tensor, torch.Tensor]:
     from dsserve.plugins.cpu.packing import unpack_fp8
 
     def real(w, k):
-        weight = unpack_fp8(w["packed"], k) if "packed" in w else w["weight"]
+        weight = unpack_fp8(w["packed"], k, m.backend.vbmi) if "packed" in w else w["weight"]
         return torch.stack([m.format.dequantize({"weight": weight[e], "weight_scale_inv": w["weight_scale_inv"][e]})
                             for e in range(m.spec.num_experts)])
 

@@ -79,7 +79,7 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
     if kernels is not None and reason is None and spec.quant == "none":
         return CpuFusedMoE(spec, kernels, native.isa())
     if kernels is not None and reason is None and spec.quant == "fp8_block":
-        return CpuFp8MoE(spec, kernels, native.isa())
+        return CpuFp8MoE(spec, kernels, native.isa(), native.fp8_vbmi())
     if kernels is not None and reason is None and native.int8_isa() is not None:
         return CpuInt8MoE(spec, kernels, native.int8_isa())
     if spec.quant != "none":
@@ -116,7 +116,7 @@ def _quantized_linear(spec: LinearSpec) -> LinearMethod | None:
     if kernels is not None and isa is not None and int8_linear.unsupported(spec) is None:
         return int8_linear.CpuInt8Linear(spec, kernels, isa)
     if kernels is not None and fp8_linear.unsupported(spec) is None:
-        return fp8_linear.CpuFp8Linear(spec, kernels, native.isa())
+        return fp8_linear.CpuFp8Linear(spec, kernels, native.isa(), native.fp8_vbmi())
     return None
 
 

@@ -213,13 +213,14 @@ class CpuDevice(Device):
                  "override)", cores)
 
     def describe(self) -> str:
-        from .native import Isa, int8_isa, isa
+        from .native import Isa, fp8_vbmi, int8_isa, isa
 
         kernels, int8 = isa(), int8_isa()
         text = (f"cpu: {cpu_model()}, {usable_cores()} usable cores; {self.dtype_reason()}; C++ kernels "
                 + (f"{kernels.name} variant (MLA decode, fused MoE, linear; fp8 weight-only widened to "
-                   f"{'bfloat16' if kernels >= Isa.AVX512_BF16 else 'float32'}), {int8.name} for int8 W8A8 "
-                   "(linear, fused MoE)" if kernels else "unused (no AVX2/FMA)"))
+                   f"{'bfloat16' if kernels >= Isa.AVX512_BF16 else 'float32'}"
+                   f"{' by VBMI lookups' if fp8_vbmi() else ''}), {int8.name} for int8 W8A8 (linear, fused MoE)"
+                   if kernels else "unused (no AVX2/FMA)"))
         ipex = ipex_status()
         if ipex is not None:
             version, matches = ipex

@@ -46,13 +46,15 @@ def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
 
 
 class CpuFp8Linear(QuantizedWeights):
-    def __init__(self, spec: LinearSpec, kernels, isa: Isa):
+    def __init__(self, spec: LinearSpec, kernels, isa: Isa, vbmi: bool = False):
         super().__init__(spec)
         self.kernels, self.act_dtype = kernels, activation_dtype(isa)
+        # the table-lookup widening, where the CPU has it and the shapes allow it
+        self.vbmi = vbmi and self.act_dtype == torch.bfloat16 and spec.in_features % 4 == 0 and self.format.block[1] % 4 == 0
 
     def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bn, _ = self.format.block
-        out = {"packed": pack_fp8(params["weight"]), "weight_scale_inv": params["weight_scale_inv"].float(),
+        out = {"packed": pack_fp8(params["weight"], self.vbmi), "weight_scale_inv": params["weight_scale_inv"].float(),
                "column_scale": column_scales(params["weight_scale_inv"], bn, self.spec.out_features)}
         if "bias" in params:
             out["bias"] = params["bias"]
@@ -61,9 +63,9 @@ class CpuFp8Linear(QuantizedWeights):
     def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
         out = self.kernels.fp8_linear(rows, params["packed"], params["column_scale"], params.get("bias"),
-                                      self.format.block[1], x.dtype == torch.float32)
+                                      self.format.block[1], x.dtype == torch.float32, self.vbmi)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.spec.out_features)
 
     def dequantized_weight(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        weight = unpack_fp8(params["packed"], self.spec.in_features)
+        weight = unpack_fp8(params["packed"], self.spec.in_features, self.vbmi)
         return self.format.dequantize({"weight": weight, "weight_scale_inv": params["weight_scale_inv"]})

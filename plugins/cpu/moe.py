@@ -79,13 +79,15 @@ class CpuFp8MoE(ReferenceMoE):
     e4m3 (1 byte per weight), widened in registers; activations bfloat16 on AVX512-BF16 CPUs, float32
     elsewhere (see fp8_linear.py for why they are not rounded to 8 bits)."""
 
-    def __init__(self, spec: MoESpec, kernels, isa: native.Isa):
+    def __init__(self, spec: MoESpec, kernels, isa: native.Isa, vbmi: bool = False):
         super().__init__(spec)
         self.kernels, self.act_dtype = kernels, activation_dtype(isa)
+        self.vbmi = (vbmi and self.act_dtype == torch.bfloat16 and spec.hidden_size % 4 == 0
+                     and spec.intermediate_size % 4 == 0 and self.format.block[1] % 4 == 0)
 
     def _pack(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = w["weight"].shape[-2]
-        return {"packed": pack_fp8(w["weight"]), "weight_scale_inv": w["weight_scale_inv"].float(),
+        return {"packed": pack_fp8(w["weight"], self.vbmi), "weight_scale_inv": w["weight_scale_inv"].float(),
                 "column_scale": column_scales(w["weight_scale_inv"], self.format.block[0], n)}
 
     def process_weights_after_loading(self, w13, w2):
@@ -94,5 +96,5 @@ class CpuFp8MoE(ReferenceMoE):
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
         out = self.kernels.fused_moe_fp8(hidden.to(self.act_dtype).contiguous(), w13["packed"], w13["column_scale"],
                                          w2["packed"], w2["column_scale"], topk_weights, topk_ids,
-                                         self.format.block[1])
+                                         self.format.block[1], self.vbmi)
         return out.to(hidden.dtype)

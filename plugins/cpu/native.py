@@ -61,6 +61,12 @@ def int8_isa(flags: frozenset[str] | None = None) -> Int8Isa | None:
     return None
 
 
+def fp8_vbmi(flags: frozenset[str] | None = None) -> bool:
+    """Whether the FP8 kernels widen e4m3 by AVX512-VBMI table lookups (on top of AVX512-BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return isa(flags) is Isa.AVX512_BF16 and "avx512_vbmi" in flags
+
+
 def build_name() -> str:
     # the folder too: the build's ninja file names the sources by path, so two checkouts sharing one
     # name would rebuild each other's copy in turn

@@ -67,17 +67,24 @@ def unpack_int8(packed: torch.Tensor, k: int) -> torch.Tensor:
     return w.reshape(*lead, nb * BLOCK_N, k4 * 4)[..., :k]
 
 
-def pack_fp8(w: torch.Tensor) -> torch.Tensor:
-    """W [..., N, K] float8_e4m3fn -> uint8 [..., N / 16, K * 16] in the bfloat16 pair layout (csrc/fp8_gemm.h)."""
+def pack_fp8(w: torch.Tensor, vbmi: bool = False) -> torch.Tensor:
+    """W [..., N, K] float8_e4m3fn -> uint8 [..., N / 16, K * 16] in the bfloat16 pair layout (csrc/fp8_gemm.h);
+    `vbmi`: each 64 bytes reordered for the table-lookup variant (K a multiple of 4)."""
     *lead, n, k = w.shape
-    if w.dtype != torch.float8_e4m3fn or n % BLOCK_N or k % 2:
-        raise ValueError(f"cannot pack a [{n}, {k}] {w.dtype} weight as e4m3 blocks of {BLOCK_N} rows, K even")
+    if w.dtype != torch.float8_e4m3fn or n % BLOCK_N or k % (4 if vbmi else 2):
+        raise ValueError(f"cannot pack a [{n}, {k}] {w.dtype} weight as e4m3 blocks of {BLOCK_N} rows")
     pairs = w.view(torch.uint8).reshape(*lead, n // BLOCK_N, BLOCK_N, k // 2, 2).transpose(-3, -2)
-    return pairs.contiguous().reshape(*lead, n // BLOCK_N, k * BLOCK_N)
+    packed = pairs.contiguous().reshape(*lead, n // BLOCK_N, k * BLOCK_N)
+    if vbmi:  # chunk[L * 16 + h * 8 + j] = natural[h * 32 + L * 8 + j]: [2 h, 4 L, 8 j] -> [4 L, 2 h, 8 j]
+        chunks = packed.reshape(*lead, n // BLOCK_N, k // 4, 2, 4, 8).transpose(-3, -2)
+        packed = chunks.contiguous().reshape(*lead, n // BLOCK_N, k * BLOCK_N)
+    return packed
 
 
-def unpack_fp8(packed: torch.Tensor, k: int) -> torch.Tensor:
+def unpack_fp8(packed: torch.Tensor, k: int, vbmi: bool = False) -> torch.Tensor:
     """The inverse of `pack_fp8`."""
     *lead, nb, _ = packed.shape
+    if vbmi:
+        packed = packed.reshape(*lead, nb, k // 4, 4, 2, 8).transpose(-3, -2).reshape(*lead, nb, k * BLOCK_N)
     w = packed.reshape(*lead, nb, k // 2, BLOCK_N, 2).transpose(-3, -2)
     return w.reshape(*lead, nb * BLOCK_N, k).view(torch.float8_e4m3fn)

@@ -22,7 +22,7 @@ void write_rows(const std::vector<float>& y, int64_t M, int64_t N, int64_t nb, c
 
 template <typename T>
 at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& bias, int64_t group, bool float_out) {
+                           const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi) {
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * kFp8BlockN;
   const int64_t groups = (K + group - 1) / group;
   at::Tensor out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
@@ -34,7 +34,7 @@ at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const 
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(M * kFp8BlockN);
     for (int64_t nb = begin; nb < end; ++nb) {
-      block_fp8_gemm(M, xp, K, wp + nb * K * kFp8BlockN, K / 2, group / 2, sp + nb * groups * kFp8BlockN, y.data());
+      block_fp8_gemm(vbmi, M, xp, K, wp + nb * K * kFp8BlockN, K / 2, group / 2, sp + nb * groups * kFp8BlockN, y.data());
       if (float_out)
         write_rows(y, M, N, nb, bp, out.data_ptr<float>());
       else
@@ -48,20 +48,22 @@ at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const 
 
 // x [M, K] contiguous (K even), bfloat16 (AVX512-BF16 CPUs only) or float32; packed uint8 [N/16, K*16];
 // w_scale float32 [N/16, G, 16] (each column's weight scale per group of `group` k, G = ceil(K/group));
-// bias [N] or None. Returns [M, N] in bfloat16, or float32 when `float_out` (a float32 model keeps its
-// float32 sums).
+// bias [N] or None; `vbmi`: packed with pack_fp8(..., vbmi=True) for the table-lookup variant. Returns
+// [M, N] in bfloat16, or float32 when `float_out` (a float32 model keeps its float32 sums).
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out) {
+                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   const int64_t K = x.size(1), blocks = packed.size(0), groups = (K + group - 1) / group;
   TORCH_CHECK(K % 2 == 0 && group % 2 == 0, "K and the scale group must be even");
+  TORCH_CHECK(!vbmi || (x.scalar_type() == at::kBFloat16 && K % 4 == 0 && group % 4 == 0),
+              "the VBMI packing takes bfloat16 activations, K and the scale group multiples of 4");
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
               packed.size(1) == K * kFp8BlockN, "packed must be e4m3 bytes packed by dsserve.plugins.cpu.packing");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
               w_scale.numel() == blocks * groups * kFp8BlockN, "w_scale must be float32 [N/16, groups, 16]");
   switch (x.scalar_type()) {
-    case at::kBFloat16: return fp8_linear_impl<at::BFloat16>(x, packed, w_scale, bias, group, float_out);
-    case at::kFloat: return fp8_linear_impl<float>(x, packed, w_scale, bias, group, float_out);
+    case at::kBFloat16: return fp8_linear_impl<at::BFloat16>(x, packed, w_scale, bias, group, float_out, vbmi);
+    case at::kFloat: return fp8_linear_impl<float>(x, packed, w_scale, bias, group, float_out, vbmi);
     default: TORCH_CHECK(false, "fp8_linear takes bfloat16 or float32 activations, not ", x.scalar_type());
   }
 }
