@@ -209,6 +209,12 @@ BEST_INT8 = native.int8_isa()
 RUNNABLE_INT8 = [isa for isa in native.Int8Isa if BEST_INT8 is not None and isa <= BEST_INT8]
 
 
+def test_fp8_vbmi_is_read_from_the_cpu_flags():
+    assert native.fp8_vbmi(frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512vbmi"}))
+    assert not native.fp8_vbmi(frozenset({"avx2", "fma", "avx512f", "avx512vbmi"}))  # no bf16 dot products
+    assert not native.fp8_vbmi(frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
+
+
 def test_int8_isa_is_read_from_the_cpu_flags():
     assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"})) is native.Int8Isa.AVX512_VNNI
     assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) is native.Int8Isa.AVX2

@@ -64,7 +64,7 @@ def int8_isa(flags: frozenset[str] | None = None) -> Int8Isa | None:
 def fp8_vbmi(flags: frozenset[str] | None = None) -> bool:
     """Whether the FP8 kernels widen e4m3 by AVX512-VBMI table lookups (on top of AVX512-BF16)."""
     flags = cpu_flags() if flags is None else flags
-    return isa(flags) is Isa.AVX512_BF16 and "avx512_vbmi" in flags
+    return isa(flags) is Isa.AVX512_BF16 and "avx512vbmi" in flags  # /proc/cpuinfo spells it so
 
 
 def build_name() -> str:
