@@ -80,17 +80,17 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", (freqs.cos() * attn_factor).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * attn_factor).to(device), persistent=False)
+        # interleaved pairs rotate as one complex multiplication (DeepSeek's own form): half the ops of
+        # the real formula, which matters at decode where each op handles a few hundred values
+        self.register_buffer("cis", torch.complex(self.cos, self.sin) if interleaved else None, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, ..., dim] rotated by the angles of positions [T]."""
         shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+        if self.interleaved:
+            pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(pairs * self.cis[positions].view(shape)).flatten(-2).to(x.dtype)
         cos = self.cos[positions].view(shape)
         sin = self.sin[positions].view(shape)
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
