@@ -3,6 +3,8 @@
 where they cannot be built."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -402,3 +404,22 @@ def test_fp8_fused_moe_is_the_dequantised_experts(isa, vbmi, tokens, experts, k,
     if tokens:
         err = float((out.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
         assert err < BOUNDS[dtype], err
+
+
+@needs_kernels
+def test_a_killed_builds_lock_does_not_hang_the_next_start():
+    """torch waits forever on its build `lock` file; one left by a killed first start is cleared
+    (no live process holds dsserve's flock), so the kernels load."""
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+
+    build_dir = cpp_extension._get_build_directory(native.build_name(), verbose=False)
+    lock = Path(build_dir) / "lock"
+    lock.touch()
+    code = "from dsserve.plugins.cpu import native; assert native.kernels() is not None"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not lock.exists()
+    assert "left by a build of the C++ kernels that did not finish" in proc.stderr

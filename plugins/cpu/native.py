@@ -4,7 +4,8 @@ One build serves every x86 CPU: each kernel is compiled for AVX2, AVX-512 and AV
 per-function target attributes, and the caller passes the ISA to use (`isa()`: the best this CPU
 has). The build goes to torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else
 ~/.cache/torch_extensions) under a name that hashes the sources, their folder and the torch version,
-so a changed source or torch rebuilds and an unchanged one loads in a second. Where no compiler is present (or the
+so a changed source or torch rebuilds and an unchanged one loads in a second; a build that was killed
+leaves nothing that blocks the next one (`_builder_lock`). Where no compiler is present (or the
 build fails) `kernels()` is None, one log line says why, and the torch reference serves those ops.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -76,19 +78,43 @@ def build_name() -> str:
     return f"dsserve_cpu_kernels_{digest.hexdigest()[:12]}"
 
 
+@contextmanager
+def _builder_lock(build_dir: Path):
+    """Hold an flock while torch builds or loads the extension, and clear torch's own `lock` file when
+    it is stale. torch waits forever on that file, and a build that was killed (Ctrl-C during the
+    first start) leaves it behind: every later start would hang. The flock dies with its process, so
+    holding it proves no live process is building, and a `lock` found then is a dead build's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "dsserve.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits while another live process builds the same kernels
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("cpu: removing %s, left by a build of the C++ kernels that did not finish", stale)
+            stale.unlink()
+        yield
+
+
 @lru_cache(maxsize=1)
 def kernels():
     """The compiled extension module, or None (logged once) where it cannot be had."""
     if isa() is None:
         log.info("cpu: no AVX2/FMA on this CPU: the torch reference serves the ops of the C++ kernels")
         return None
-    log.info("cpu: loading the C++ kernels (%s; built on first use, about a minute on 2 cores)", build_name())
+    name = build_name()
+    log.info("cpu: loading the C++ kernels (%s; built on first use, a few minutes on 2 cores)", name)
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(
-            name=build_name(), sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
-            extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        with _builder_lock(build_dir):
+            return cpp_extension.load(
+                name=name, sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
+                extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a failed build: fall back, say so
         # a build error's message is the whole compiler log: its first error line says what failed
         lines = str(e).splitlines()
