@@ -106,7 +106,7 @@ def kernels():
         log.info("cpu: no AVX2/FMA on this CPU: the torch reference serves the ops of the C++ kernels")
         return None
     name = build_name()
-    log.info("cpu: loading the C++ kernels (%s; built on first use, a few minutes on 2 cores)", name)
+    log.info("cpu: loading the C++ kernels (%s; built on first use, about two minutes on 2 cores)", name)
     try:
         from torch.utils import cpp_extension
 
