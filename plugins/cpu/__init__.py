@@ -6,7 +6,7 @@ CPU's bf16 units, memory from /proc/meminfo) and answers every backend hook for 
 Linear layers run through the C++ block GEMM on weights packed at load (`linear.py`), or through
 oneDNN on weights reordered once at load (`onednn.py`) on CPUs with AMX. Routed experts run
 through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
-at load, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
+at load, routing in one more call, `csrc/routing.cpp`, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
 on first use); where it cannot be built, or for a spec it does not serve, the reference does.
 Quantized checkpoints keep their bytes: int8 W8A8 linear layers and experts (int8_channel,
 int8_block) run through the C++ int8 kernels (`int8_linear.py`, csrc/int8_linear.cpp and

@@ -1,5 +1,5 @@
-"""Routed experts on the CPU: one C++ call per layer for every expert of the batch (csrc/fused_moe.cpp)
-on weights packed once at load; routing is the reference's `select_experts` (a few small ops)."""
+"""Routed experts on the CPU: one C++ call per layer for the routing of every token (csrc/routing.cpp)
+and one for every expert of the batch (csrc/fused_moe.cpp), on weights packed once at load."""
 from __future__ import annotations
 
 import torch
@@ -33,12 +33,36 @@ def unsupported(spec: MoESpec) -> str | None:
     return None
 
 
-class CpuFusedMoE(ReferenceMoE):
+_SCORING = {"softmax": 0, "sigmoid": 1}
+_TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+class CpuRoutedMoE(ReferenceMoE):
+    """What the cpu MoE backends share: routing in one C++ call (csrc/routing.cpp) instead of the
+    reference's ~15 small torch ops (70 -> a few us a layer at batch 1); the same arithmetic, so the
+    same experts."""
+
+    def __init__(self, spec: MoESpec, kernels):
+        super().__init__(spec)
+        self.kernels = kernels
+
+    def select_experts(self, router_logits, correction_bias):
+        s = self.spec
+        if s.scoring_func not in _SCORING or s.topk_method not in _TOPK_METHODS:
+            return super().select_experts(router_logits, correction_bias)  # it names what is unknown
+        bias = correction_bias if correction_bias is not None else torch.empty(0)
+        weights, ids = self.kernels.route(router_logits.float(), bias, _SCORING[s.scoring_func],
+                                          _TOPK_METHODS[s.topk_method], s.n_group, s.topk_group, s.top_k,
+                                          s.norm_topk_prob, s.routed_scaling_factor)
+        return weights, ids
+
+
+class CpuFusedMoE(CpuRoutedMoE):
     """Unquantized bfloat16/float32 experts through the fused C++ kernel; `isa` picks its variant."""
 
     def __init__(self, spec: MoESpec, kernels, isa: native.Isa):
-        super().__init__(spec)
-        self.kernels, self.isa = kernels, int(isa)
+        super().__init__(spec, kernels)
+        self.isa = int(isa)
 
     def process_weights_after_loading(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pack(w13), pack(w2)
@@ -47,14 +71,14 @@ class CpuFusedMoE(ReferenceMoE):
         return self.kernels.fused_moe(hidden.contiguous(), w13, w2, topk_weights, topk_ids, self.isa)
 
 
-class CpuInt8MoE(ReferenceMoE):
+class CpuInt8MoE(CpuRoutedMoE):
     """int8 W8A8 experts (int8_channel, int8_block) through the fused C++ kernel: the experts stay
     int8, packed at load with their compensation and per-column scales; activations are quantized in
     the call as the reference rounds them."""
 
     def __init__(self, spec: MoESpec, kernels, isa: native.Int8Isa):
-        super().__init__(spec)
-        self.kernels, self.isa = kernels, int(isa)
+        super().__init__(spec, kernels)
+        self.isa = int(isa)
         self.scale_name = "weight_scale_inv" if spec.quant == "int8_block" else "weight_scale"
 
     def _pack(self, w: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -74,14 +98,14 @@ class CpuInt8MoE(ReferenceMoE):
             activation_group(s.quant, self.format.block, s.intermediate_size), self.isa)
 
 
-class CpuFp8MoE(ReferenceMoE):
+class CpuFp8MoE(CpuRoutedMoE):
     """FP8 weight-only experts (fp8_block, DeepSeek-V3/R1) through the fused C++ kernel: the experts stay
     e4m3 (1 byte per weight), widened in registers; activations bfloat16 on AVX512-BF16 CPUs, float32
     elsewhere (see fp8_linear.py for why they are not rounded to 8 bits)."""
 
     def __init__(self, spec: MoESpec, kernels, isa: native.Isa, vbmi: bool = False):
-        super().__init__(spec)
-        self.kernels, self.act_dtype = kernels, activation_dtype(isa)
+        super().__init__(spec, kernels)
+        self.act_dtype = activation_dtype(isa)
         self.vbmi = (vbmi and self.act_dtype == torch.bfloat16 and spec.hidden_size % 4 == 0
                      and spec.intermediate_size % 4 == 0 and self.format.block[1] % 4 == 0)
 

@@ -13,6 +13,8 @@ at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const 
                          const at::Tensor& topk_ids, int64_t group, bool vbmi);
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
                       const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi);
+std::vector<at::Tensor> route(const at::Tensor& logits, const at::Tensor& bias, int64_t scoring, int64_t method,
+                              int64_t n_group, int64_t topk_group, int64_t top_k, bool norm, double scaling);
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
                       const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -30,5 +32,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &dsserve_cpu::packed_linear, "x W^T (+ b) on a packed weight");
   m.def("head_linear", &dsserve_cpu::head_linear, "per-head x W_h^T on per-head packed weights");
   m.def("int8_linear", &dsserve_cpu::int8_linear, "W8A8 x W^T (+ b): activations quantized in the call");
+  m.def("route", &dsserve_cpu::route, "MoE routing of every token: scores, grouped top-k, weights");
   m.def("mla_decode", &dsserve_cpu::mla_decode, "MLA decode on the paged latent cache, split over the KV length");
 }
