@@ -48,6 +48,59 @@ Grouping group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weig
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// The most pairs any expert has: the size of the per-thread block buffers.
+int64_t most_pairs(const Grouping& g) {
+  int64_t most = 0;
+  for (size_t e = 0; e + 1 < g.offsets.size(); ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
+  return most;
+}
+
+// Gate and up blocks b of every expert -> act[:, b*16 : b*16+16] = silu(gate) * up, in A.
+// gate_up(e, b, first pair, rows, gate [rows, 16], up [rows, 16]) computes one expert's two blocks.
+template <typename A, typename GateUp>
+void gate_up_phase(const Grouping& g, int64_t inter_blocks, int64_t I, A* act, const GateUp& gate_up) {
+  const int64_t E = static_cast<int64_t>(g.offsets.size()) - 1, most = most_pairs(g);
+  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(most * kBlockN), up(most * kBlockN);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        gate_up(e, b, p, rows, gate.data(), up.data());
+        for (int64_t m = 0; m < rows; ++m)
+          for (int j = 0; j < kBlockN; ++j)
+            act[(p + m) * I + b * kBlockN + j] = static_cast<A>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
+      }
+    }
+  });
+}
+
+// Down blocks nb of every expert, weighted, summed into the tokens' output columns of out [T, D] float32.
+// down(e, nb, first pair, rows, y [rows, 16]) computes one expert's block.
+template <typename Down>
+at::Tensor down_phase(const Grouping& g, int64_t tokens, int64_t D, const at::TensorOptions& options,
+                      const Down& down) {
+  const int64_t E = static_cast<int64_t>(g.offsets.size()) - 1, most = most_pairs(g), out_blocks = D / kBlockN;
+  at::Tensor out = at::zeros({tokens, D}, options.dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(most * kBlockN);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+        if (rows == 0) continue;
+        down(e, nb, p, rows, y.data());
+        for (int64_t m = 0; m < rows; ++m) {
+          float* dst = o + g.token[p + m] * D + nb * kBlockN;
+          const float wt = g.weight[p + m];
+          for (int j = 0; j < kBlockN; ++j) dst[j] += wt * y[m * kBlockN + j];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 template <typename T>
 at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids, Isa isa) {
@@ -65,45 +118,13 @@ at::Tensor fused_moe_impl(const at::Tensor& hidden, const at::Tensor& w13, const
   const T* w2p = w2.data_ptr<T>();
   const int64_t w13_block = D * kBlockN, w2_block = I * kBlockN;  // elements per packed block
 
-  int64_t most = 0;  // the most pairs any expert has: the size of the per-thread block buffers
-  for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
-
-  // gate and up blocks b of every expert -> act[:, b*16 : b*16+16] = silu(gate) * up
-  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(most * kBlockN), up(most * kBlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        block_gemm2<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + b) * w13_block,
-                       w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block, D, gate.data(), up.data(),
-                       kBlockN);
-        for (int64_t m = 0; m < rows; ++m)
-          for (int j = 0; j < kBlockN; ++j)
-            a[(p + m) * I + b * kBlockN + j] = static_cast<T>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
-      }
-    }
+  gate_up_phase(g, inter_blocks, I, a, [&](int64_t e, int64_t b, int64_t p, int64_t rows, float* gate, float* up) {
+    block_gemm2<T>(isa, rows, x + p * D, D, w13p + (e * 2 * inter_blocks + b) * w13_block,
+                   w13p + (e * 2 * inter_blocks + inter_blocks + b) * w13_block, D, gate, up, kBlockN);
   });
-
-  // down blocks nb of every expert, weighted, summed into the tokens' output columns
-  at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(most * kBlockN);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        block_gemm<T>(isa, rows, a + p * I, I, w2p + (e * out_blocks + nb) * w2_block, I, y.data(), kBlockN);
-        for (int64_t m = 0; m < rows; ++m) {
-          float* dst = o + g.token[p + m] * D + nb * kBlockN;
-          const float wt = g.weight[p + m];
-          for (int j = 0; j < kBlockN; ++j) dst[j] += wt * y[m * kBlockN + j];
-        }
-      }
-    }
-  });
-  return out.to(hidden.scalar_type());
+  return down_phase(g, tokens, D, hidden.options(), [&](int64_t e, int64_t nb, int64_t p, int64_t rows, float* y) {
+    block_gemm<T>(isa, rows, a + p * I, I, w2p + (e * out_blocks + nb) * w2_block, I, y, kBlockN);
+  }).to(hidden.scalar_type());
 }
 
 // The int8 W8A8 experts (int8_channel, int8_block): the same structure with the activations quantized
@@ -138,8 +159,6 @@ at::Tensor fused_moe_int8_impl(const at::Tensor& hidden, const Int8Experts& w13,
   const int64_t tokens = hidden.size(0), D = hidden.size(1), inter_blocks = w13.blocks / 2, I = w2.K;
   const Grouping g = group_by_expert(topk_ids, topk_weights, E);
   const int64_t pairs = static_cast<int64_t>(g.token.size());
-  int64_t most = 0;
-  for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
 
   // each token's hidden row quantized once, then gathered per pair (grouped by expert)
   at::Tensor hq = at::empty({tokens, w13.K4() * 4}, hidden.options().dtype(at::kChar));
@@ -152,20 +171,10 @@ at::Tensor fused_moe_int8_impl(const at::Tensor& hidden, const Int8Experts& w13,
 
   at::Tensor act = at::empty({pairs, I}, hidden.options().dtype(at::kFloat));
   float* a = act.data_ptr<float>();
-  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(most * kInt8BlockN), up(most * kInt8BlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        const int8_t* q = x + p * w13.K4() * 4;
-        w13.gemm(isa, e, b, rows, q, sx + p * w13.groups(), gate.data());
-        w13.gemm(isa, e, inter_blocks + b, rows, q, sx + p * w13.groups(), up.data());
-        for (int64_t m = 0; m < rows; ++m)
-          for (int j = 0; j < kInt8BlockN; ++j)
-            a[(p + m) * I + b * kInt8BlockN + j] = silu(gate[m * kInt8BlockN + j]) * up[m * kInt8BlockN + j];
-      }
-    }
+  gate_up_phase(g, inter_blocks, I, a, [&](int64_t e, int64_t b, int64_t p, int64_t rows, float* gate, float* up) {
+    const int8_t* q = x + p * w13.K4() * 4;
+    w13.gemm(isa, e, b, rows, q, sx + p * w13.groups(), gate);
+    w13.gemm(isa, e, inter_blocks + b, rows, q, sx + p * w13.groups(), up);
   });
 
   at::Tensor aq = at::empty({pairs, w2.K4() * 4}, hidden.options().dtype(at::kChar));
@@ -173,25 +182,9 @@ at::Tensor fused_moe_int8_impl(const at::Tensor& hidden, const Int8Experts& w13,
   quantize_rows<float>(isa, a, pairs, I, w2.group, aq.data_ptr<int8_t>(), as.data_ptr<float>());
   const int8_t* q2 = aq.data_ptr<int8_t>();
   const float* s2 = as.data_ptr<float>();
-
-  at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, w2.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(most * kInt8BlockN);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        w2.gemm(isa, e, nb, rows, q2 + p * w2.K4() * 4, s2 + p * w2.groups(), y.data());
-        for (int64_t m = 0; m < rows; ++m) {
-          float* dst = o + g.token[p + m] * D + nb * kInt8BlockN;
-          const float wt = g.weight[p + m];
-          for (int j = 0; j < kInt8BlockN; ++j) dst[j] += wt * y[m * kInt8BlockN + j];
-        }
-      }
-    }
-  });
-  return out.to(hidden.scalar_type());
+  return down_phase(g, tokens, D, hidden.options(), [&](int64_t e, int64_t nb, int64_t p, int64_t rows, float* y) {
+    w2.gemm(isa, e, nb, rows, q2 + p * w2.K4() * 4, s2 + p * w2.groups(), y);
+  }).to(hidden.scalar_type());
 }
 
 // FP8 weight-only experts (fp8_block): activations T = bfloat16 on AVX512-BF16 CPUs (the SiLU-and-mul
@@ -216,44 +209,17 @@ at::Tensor fused_moe_fp8_impl(const at::Tensor& hidden, const Fp8Experts& w13, c
   const int64_t tokens = hidden.size(0), D = hidden.size(1), inter_blocks = w13.blocks / 2, I = w2.K;
   const Grouping g = group_by_expert(topk_ids, topk_weights, E);
   const int64_t pairs = static_cast<int64_t>(g.token.size());
-  int64_t most = 0;
-  for (int64_t e = 0; e < E; ++e) most = std::max(most, g.offsets[e + 1] - g.offsets[e]);
   const at::Tensor xs = hidden.index_select(0, torch::tensor(g.token, torch::kInt64));
   const T* x = xs.data_ptr<T>();
   at::Tensor act = at::empty({pairs, I}, hidden.options());
   T* a = act.data_ptr<T>();
-  at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(most * kFp8BlockN), up(most * kFp8BlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        w13.gemm(e, b, rows, x + p * D, gate.data());
-        w13.gemm(e, inter_blocks + b, rows, x + p * D, up.data());
-        for (int64_t m = 0; m < rows; ++m)
-          for (int j = 0; j < kFp8BlockN; ++j)
-            a[(p + m) * I + b * kFp8BlockN + j] = static_cast<T>(silu(gate[m * kFp8BlockN + j]) * up[m * kFp8BlockN + j]);
-      }
-    }
+  gate_up_phase(g, inter_blocks, I, a, [&](int64_t e, int64_t b, int64_t p, int64_t rows, float* gate, float* up) {
+    w13.gemm(e, b, rows, x + p * D, gate);
+    w13.gemm(e, inter_blocks + b, rows, x + p * D, up);
   });
-  at::Tensor out = at::zeros({tokens, D}, hidden.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, w2.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(most * kFp8BlockN);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
-        w2.gemm(e, nb, rows, a + p * I, y.data());
-        for (int64_t m = 0; m < rows; ++m) {
-          float* dst = o + g.token[p + m] * D + nb * kFp8BlockN;
-          const float wt = g.weight[p + m];
-          for (int j = 0; j < kFp8BlockN; ++j) dst[j] += wt * y[m * kFp8BlockN + j];
-        }
-      }
-    }
-  });
-  return out;  // float32: the caller casts to its model's dtype
+  return down_phase(g, tokens, D, hidden.options(), [&](int64_t e, int64_t nb, int64_t p, int64_t rows, float* y) {
+    w2.gemm(e, nb, rows, a + p * I, y);
+  });  // float32: the caller casts to its model's dtype
 }
 
 Fp8Experts fp8_experts(const at::Tensor& packed, const at::Tensor& scale, int64_t K, int64_t group, bool vbmi,
