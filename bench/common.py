@@ -139,8 +139,13 @@ def describe_backends(engine) -> str:
     A third-party plugin may override one op of a built-in device (with tryfirst): a benchmark must
     say what it measured. Set DSSERVE_DISABLE_PLUGINS=name to leave one out.
     """
+    return engine.run_on_worker(backends_of)
+
+
+def backends_of(runner) -> str:
+    """describe_backends, where the model lives."""
     found: dict[str, set[str]] = {}
-    for module in engine.runner.model.modules():
+    for module in runner.model.modules():
         for attr, kind in (("backend", None), ("method", "linear")):
             impl = getattr(module, attr, None)
             if impl is None or isinstance(impl, (str, int, float)):
@@ -211,3 +216,33 @@ async def _run_engine_batch(engine, prompts, params) -> BatchTiming:
         timing.token_times.append(times)
         timing.token_ids.append(ids)
     return timing
+
+
+def weight_bytes(runner, batch: int) -> tuple[float, float]:
+    """(bytes of weights one decode step of `batch` tokens reads, active parameters per token), where
+    the model lives (`engine.run_on_worker(weight_bytes, batch)`)."""
+    from dsserve.models.layers import Embedding, RoutedExperts
+
+    model = runner.model
+    experts = {id(p): m.spec for m in model.modules() if isinstance(m, RoutedExperts)
+               for n, p in m.named_parameters() if n.startswith(("w13", "w2"))}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, Embedding) for p in m.parameters()}
+    step_bytes = active = 0.0
+    for p in model.parameters():
+        if id(p) in embeddings:
+            continue  # one row per token
+        size, count = p.numel() * p.element_size(), p.numel()
+        spec = experts.get(id(p))
+        if spec is not None:
+            # the experts that `batch` tokens pick at least once, if the router picks uniformly
+            e, k = spec.num_experts, spec.top_k
+            size *= (1 - (1 - k / e) ** batch)
+            count *= k / e
+        step_bytes += size
+        active += count
+    return step_bytes, active
+
+
+def resident_bytes(runner) -> int:
+    """Bytes of the model's parameters as they sit in memory (`engine.run_on_worker(resident_bytes)`)."""
+    return sum(p.numel() * p.element_size() for p in runner.model.parameters())

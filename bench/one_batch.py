@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import sys
+from pathlib import Path
 
 from dsserve.core.config import EngineArgs
 from .common import (
@@ -62,7 +63,7 @@ def run(ns: argparse.Namespace) -> int:
     results = []
     with Engine.from_args(args) as engine:
         low, high = prompt_id_range(engine)
-        name = engine.runner.model_path.name
+        name = Path(engine.info.model_path).name
         backends = describe_backends(engine)
 
         def batch(bs: int, ilen: int, olen: int):
@@ -93,8 +94,8 @@ def run(ns: argparse.Namespace) -> int:
     print(format_table(
         ["batch", "input", "output", "prefill s", "prefill tok/s", "decode step ms (median)",
          "decode step ms (mean)", "decode tok/s", "total s", "total tok/s"], rows,
-        title=f"dsserve bench one-batch: {name}, {engine.runner.device.name}, "
-              f"{str(engine.runner.dtype).removeprefix('torch.')}, {threads} threads\nbackends: {backends}\n{source_version()}; {_machine()}"))
+        title=f"dsserve bench one-batch: {name}, {engine.info.device}, "
+              f"{engine.info.dtype}, {threads} threads\nbackends: {backends}\n{source_version()}; {_machine()}"))
     if ns.result_file:
         with open(ns.result_file, "w", encoding="utf-8") as f:
             json.dump({"model": name, "threads": threads, "backends": backends, "results": results}, f, indent=2)
@@ -103,7 +104,7 @@ def run(ns: argparse.Namespace) -> int:
 
 def prompt_id_range(engine) -> tuple[int, int]:
     """Token ids a random prompt may use: past the usual special tokens, within model and tokenizer."""
-    high = engine.runner.config.vocab_size
+    high = engine.info.vocab_size
     if engine.tokenizer is not None:
         high = min(high, engine.tokenizer.vocab_size)
     low = 20 if high > 40 else 0

@@ -1,11 +1,12 @@
 """Decode speed of an Engine whose caller ran (or did not run) a parallel torch op on its own thread first.
 
-    python benchmarks/caller_threads.py clean
-    python benchmarks/caller_threads.py caller-ops
+    python benchmarks/caller_threads.py clean [--model-worker thread]
+    python benchmarks/caller_threads.py caller-ops [--model-worker thread]
 
-Run the two alternately (the machine is noisy). See docs/benchmarks.md ("Why a caller's torch op slows
-the engine"): libgomp throttles every team's spinning once the process holds more OpenMP threads than
-CPUs, so the engine's workers sleep between parallel regions.
+Run them alternately (the machine is noisy). See docs/benchmarks.md ("Why a caller's torch op slows
+the engine"): libgomp throttles every team's spinning once a process holds more OpenMP threads than
+CPUs, so a model worker on the engine thread (--model-worker thread) sleeps between parallel regions
+after its caller's torch op; the default worker, in its own process, does not share its teams.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["clean", "caller-ops"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model-worker", choices=["process", "thread"], default="process")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
     if ns.mode == "caller-ops":
@@ -38,13 +40,13 @@ def main() -> int:
     def prompt() -> list[list[int]]:
         return [[rng.randrange(100, 30000) for _ in range(32)]]
 
-    with Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=16384) as engine:
+    with Engine(model_path=str(path), dtype="bfloat16", max_total_tokens=16384, model_worker=ns.model_worker) as engine:
         engine.generate(input_ids=prompt(), sampling_params=SamplingParams(max_new_tokens=4, temperature=0,
                                                                          ignore_eos=True))  # warm-up
         t = time.perf_counter()
         engine.generate(input_ids=prompt(), sampling_params=SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0,
                                                                          ignore_eos=True))
-        print(f"{ns.mode}: {NEW_TOKENS / (time.perf_counter() - t):.1f} tok/s (batch 1, prefill included)")
+        print(f"{ns.mode}, worker in a {ns.model_worker}: {NEW_TOKENS / (time.perf_counter() - t):.1f} tok/s (batch 1, prefill included)")
     return 0
 
 

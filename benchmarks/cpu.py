@@ -30,14 +30,15 @@ from dsserve.bench.common import (
     describe_backends,
     format_table,
     machine_summary,
+    resident_bytes,
     run_engine_batch,
     set_threads,
     source_version,
+    weight_bytes,
 )
 from dsserve.bench.one_batch import prompt_id_range
 from dsserve.core.engine import Engine
 from dsserve.core.sampling_params import SamplingParams
-from dsserve.models.layers import Embedding, RoutedExperts
 from dsserve.models.quantize import quantize_checkpoint
 from dsserve.plugins.cpu import native
 from dsserve.plugins.cpu.device import cpu_flags
@@ -71,27 +72,6 @@ def gemm_peak(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * GEMM_SIZE ** 3 / best
 
 
-def weight_bytes(model, batch: int) -> tuple[float, float]:
-    """(bytes of weights one decode step of `batch` tokens reads, active parameters per token)."""
-    experts = {id(p): m.spec for m in model.modules() if isinstance(m, RoutedExperts)
-               for n, p in m.named_parameters() if n.startswith(("w13", "w2"))}
-    embeddings = {id(p) for m in model.modules() if isinstance(m, Embedding) for p in m.parameters()}
-    step_bytes = active = 0.0
-    for p in model.parameters():
-        if id(p) in embeddings:
-            continue  # one row per token
-        size, count = p.numel() * p.element_size(), p.numel()
-        spec = experts.get(id(p))
-        if spec is not None:
-            # the experts that `batch` tokens pick at least once, if the router picks uniformly
-            e, k = spec.num_experts, spec.top_k
-            size *= (1 - (1 - k / e) ** batch)
-            count *= k / e
-        step_bytes += size
-        active += count
-    return step_bytes, active
-
-
 def bench_checkpoint(quantization: str | None) -> str:
     """The bench model's folder; AWQ (which dsserve does not make at load) from a cached
     `dsserve quantize --method awq` copy."""
@@ -106,9 +86,8 @@ def bench_checkpoint(quantization: str | None) -> str:
 
 
 def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: int) -> dict:
-    """One configuration's figures. Runs in a process of its own, and measures the engine before the
-    GEMM: torch ops on this thread before the engine starts would start a second OpenMP team that
-    competes with the engine thread's (about half the decode speed)."""
+    """One configuration's figures, in a process of its own (the last one's memory goes back to the
+    OS before the next starts)."""
     set_threads(threads)
     path = bench_checkpoint(quantization)
     results = {}
@@ -130,10 +109,9 @@ def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: i
         run(1, PREFILL_TOKENS, 1)  # warm-up
         timing = run(1, PREFILL_TOKENS, 1)
         results["prefill"] = PREFILL_TOKENS / (timing.step_times()[0] - timing.submitted)
-        model = engine.runner.model
-        steps = {batch: weight_bytes(model, batch) for batch in (1, 16)}
-        resident = sum(p.numel() * p.element_size() for p in model.parameters())
-        compute_dtype = engine.runner.dtype
+        steps = {batch: engine.run_on_worker(weight_bytes, batch) for batch in (1, 16)}
+        resident = engine.run_on_worker(resident_bytes)
+        compute_dtype = getattr(torch, engine.info.dtype)
     return {"results": results, "steps": steps, "resident": resident, "peak": gemm_peak(compute_dtype)}
 
 

@@ -271,7 +271,7 @@ def throughput_bench(ns, model_path) -> list[dict]:
             seconds, toks = ds.batch(prompts, out_lens) if mode == "batch" else ds.one_by_one(prompts, out_lens)
             ds.engine.flush_cache()
             record("dsserve", mode, seconds, toks)
-        model_path, hf_device = str(ds.engine.runner.model_path), str(ds.engine.runner.torch_device)
+        model_path, hf_device = ds.engine.info.model_path, ds.engine.info.torch_device
         ds.close()
         del ds
     if not ns.skip_hf:
@@ -314,7 +314,7 @@ def decode_bench(ns, model_path) -> list[dict]:
     if not ns.skip_dsserve:
         ds = DsserveRunner(ns, model_path, biggest * (ns.decode_input_len + ns.decode_output_len + 64))
         id_range = ds.id_range
-        model_path, hf_device = str(ds.engine.runner.model_path), str(ds.engine.runner.torch_device)
+        model_path, hf_device = ds.engine.info.model_path, ds.engine.info.torch_device
         runners["dsserve"] = ds
     if not ns.skip_hf:
         hf = HFRunner(_resolve(model_path), ns.dtype, hf_device)

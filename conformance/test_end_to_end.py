@@ -23,6 +23,7 @@ from dsserve.conformance.harness import HOST, Context, class_path, dtype_name, i
 from dsserve.core.config import EngineArgs
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.batch import BatchItem
+from dsserve.core.kv_cache import PageAllocator
 from dsserve.core.model_runner import ModelRunner
 from dsserve.core.plugins import PluginRegistry
 
@@ -120,9 +121,9 @@ def generate(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[list
 
     Returns (tokens per prompt, float32 logits [NEW_TOKENS, vocab] per prompt, seconds in forward).
     """
-    kv = runner.kv
+    allocator = PageAllocator(runner.kv.num_pages, runner.kv.page_size)   # the runner's whole pool is ours
     seqs = [list(p) for p in prompt_ids]
-    pages = [kv.allocator.alloc(kv.pages_for(len(p) + NEW_TOKENS)) for p in seqs]
+    pages = [allocator.alloc(allocator.pages_for(len(p) + NEW_TOKENS)) for p in seqs]
     if any(p is None for p in pages):
         raise RuntimeError("the KV pool is too small for the end-to-end prompts")
     computed = [0] * len(seqs)
@@ -130,41 +131,36 @@ def generate(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[list
     logits_of: list[list[torch.Tensor]] = [[] for _ in seqs]
     first = True
     seconds = 0.0
-    try:
-        while any(len(t) < NEW_TOKENS for t in produced):
-            items, owners = [], []
-            for i, seq in enumerate(seqs):
-                if len(produced[i]) >= NEW_TOKENS:
-                    continue
-                stop = len(seq)
-                if first and i in FIRST_CHUNK_OF:
-                    stop = len(seq) // 2
-                new = seq[computed[i]:stop]
-                wants = stop == len(seq)
-                items.append(BatchItem(new, computed[i], pages[i], "last" if wants else "none"))
-                owners.append((i, wants))
-                computed[i] = stop
-            first = False
-            synchronize(runner.torch_device)
-            t0 = time.perf_counter()
-            logits = runner.forward(items)
-            synchronize(runner.torch_device)
-            seconds += time.perf_counter() - t0
-            row = 0
-            for i, wants in owners:
-                if not wants:
-                    continue
-                step = logits[row].float().to(HOST)
-                row += 1
-                logits_of[i].append(step)
-                k = len(produced[i])
-                token = forced[i][k] if forced is not None else int(step.argmax())
-                produced[i].append(token)
-                seqs[i].append(token)
-    finally:
-        for p in pages:
-            if p:
-                kv.allocator.free(p)
+    while any(len(t) < NEW_TOKENS for t in produced):
+        items, owners = [], []
+        for i, seq in enumerate(seqs):
+            if len(produced[i]) >= NEW_TOKENS:
+                continue
+            stop = len(seq)
+            if first and i in FIRST_CHUNK_OF:
+                stop = len(seq) // 2
+            new = seq[computed[i]:stop]
+            wants = stop == len(seq)
+            items.append(BatchItem(new, computed[i], pages[i], "last" if wants else "none"))
+            owners.append((i, wants))
+            computed[i] = stop
+        first = False
+        synchronize(runner.torch_device)
+        t0 = time.perf_counter()
+        logits = runner.forward(items)
+        synchronize(runner.torch_device)
+        seconds += time.perf_counter() - t0
+        row = 0
+        for i, wants in owners:
+            if not wants:
+                continue
+            step = logits[row].float().to(HOST)
+            row += 1
+            logits_of[i].append(step)
+            k = len(produced[i])
+            token = forced[i][k] if forced is not None else int(step.argmax())
+            produced[i].append(token)
+            seqs[i].append(token)
     return produced, [torch.stack(rows) for rows in logits_of], seconds
 
 

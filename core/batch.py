@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .request import Request
+if TYPE_CHECKING:  # a request imports what the worker sends back, which carries BatchItems
+    from .request import Request
 
 
 @dataclass
@@ -38,10 +40,11 @@ class ScheduledBatch:
                           for r, it in zip(self.requests, self.items)]
         self.sampling = [r for r, done in zip(self.requests, self.completes) if done]
 
-    def logit_rows(self) -> list[range]:
-        """The rows of the pass's logits that belong to each request, in batch order."""
-        rows, start = [], 0
-        for it in self.items:
-            rows.append(range(start, start + it.num_logit_rows))
-            start += it.num_logit_rows
-        return rows
+
+def logit_rows(items: list[BatchItem]) -> list[range]:
+    """The rows of a pass's logits that belong to each item, in batch order."""
+    rows, start = [], 0
+    for it in items:
+        rows.append(range(start, start + it.num_logit_rows))
+        start += it.num_logit_rows
+    return rows

@@ -59,6 +59,9 @@ class EngineArgs:
                      aliases=["--random-seed"])
     log_level: str = flag("info", "logging level", group="runtime",
                           choices=["debug", "info", "warning", "error", "critical"])
+    model_worker: str = flag("process", "where the model runs: process (its own; nothing the caller's threads do "
+                             "slows it) or thread (the engine's thread in this process: starts faster, and "
+                             "tests and debuggers reach the model)", group="runtime", choices=["process", "thread"])
     # parallelism (single device today: values above 1 are accepted with a warning)
     tp_size: int = flag(1, "tensor-parallel size", group="parallelism", aliases=["--tp"])
     dp_size: int = flag(1, "data-parallel size", group="parallelism", aliases=["--dp"])
@@ -122,6 +125,8 @@ class EngineArgs:
         valid_dtypes = {"auto", "float32", "bfloat16", "float16"}
         if self.dtype not in valid_dtypes:
             raise ValueError(f"--dtype must be one of {sorted(valid_dtypes)}, got {self.dtype!r}")
+        if self.model_worker not in ("process", "thread"):
+            raise flag_error("model_worker", f"must be process or thread, got {self.model_worker!r}")
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise flag_error("mem_fraction_static", f"must be in (0, 1], got {self.mem_fraction_static}")
         for name in ("max_total_tokens", "page_size", "context_length", "max_running_requests",

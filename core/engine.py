@@ -1,33 +1,32 @@
 """Engine: the offline API and the server's backend.
 
-A background thread owns the model and the KV cache and repeats one step: take the inbox, schedule,
-run, postprocess, emit. Callers on any thread submit with `add_request` and read the returned handle.
+A background thread repeats one step: take the inbox, schedule, run the pass on the model worker
+(its own process by default, see executor.py), postprocess, emit. Callers on any thread submit
+with `add_request` and read the returned handle.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
-import traceback
 from collections import deque
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .batch import ScheduledBatch
 from .config import EngineArgs
-from .errors import RequestError
-from .messages import AbortRequest, AddRequest, FlushCache, InboxMessage
+from .errors import EngineUnavailable, RequestError
+from .executor import Executor, WorkerDied, start_executor
+from .kv_cache import PageAllocator
+from .messages import AbortRequest, AddRequest, CallWorker, FlushCache, InboxMessage
 from .metrics import Metrics
-from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .radix_cache import RadixCache
 from .request import Finish, GenerateOutput, Request, RequestHandle
-from .sampling import SampleOutput, sample_batch
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .worker_protocol import ModelInfo, SampleOutput, SequenceStart, StepInput
 
 log = logging.getLogger("dsserve")
 
@@ -44,20 +43,23 @@ class Engine:
                  **engine_args):
         self.args = args = EngineArgs.from_kwargs(model_path=model_path, device=device, dtype=dtype, **engine_args)
         logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
-        self.runner = self._start_engine_thread(args)
+        self.executor = self._start_engine_thread(args)
+        self.info: ModelInfo = self.executor.info
         try:
-            self.tokenizer = _load_tokenizer(Path(args.tokenizer_path or self.runner.model_path), args.trust_remote_code)
-            eos_ids = set(self.runner.config.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
+            self.tokenizer = _load_tokenizer(Path(args.tokenizer_path or self.info.model_path), args.trust_remote_code)
+            eos_ids = set(self.info.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
             self.metrics = Metrics()
-            kv = self.runner.kv
-            self.tree = RadixCache(kv.allocator, kv.page_size, enabled=not args.disable_radix_cache)
-            self.scheduler = Scheduler(kv, self.tree, args.max_running_requests, args.chunked_prefill_size)
+            pages = PageAllocator(self.info.num_pages, self.info.page_size)
+            self.tree = RadixCache(pages, pages.page_size, enabled=not args.disable_radix_cache)
+            self.scheduler = Scheduler(pages, self.tree, args.max_running_requests, args.chunked_prefill_size)
             self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.metrics)
             self._inbox: deque[InboxMessage] = deque()
             self._wakeup = threading.Condition()
             self._rids = itertools.count()
             self._stopping = False
+            self._failure: str | None = None       # why the engine stopped serving, if it did
             self._pending_flushes: list[threading.Event] = []
+            self._on_worker: dict[str, Request] = {}  # requests whose sampling state the worker holds
         except BaseException:
             self._abandoned = True  # the engine thread, waiting on _started, exits
             raise
@@ -69,12 +71,12 @@ class Engine:
         """An engine with `args`' engine options (a ServerArgs' server options are not the engine's)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(EngineArgs)})
 
-    def _start_engine_thread(self, args: EngineArgs) -> ModelRunner:
-        """Start the engine thread, which loads the model itself, and wait until it has.
+    def _start_engine_thread(self, args: EngineArgs) -> Executor:
+        """Start the engine thread, which starts the model worker itself, and wait until it has.
 
-        The model must be built on the thread that runs it: the first thread to run parallel torch
-        ops owns the CPU's OpenMP worker team, and a model then driven from a second thread ran
-        ~15-20% slower on the bench model with two teams competing for the cores.
+        A worker on the engine thread (--model-worker thread) must be built on the thread that runs
+        it: the first thread to run parallel torch ops owns the CPU's OpenMP worker team, and a
+        model then driven from a second thread ran ~15-20% slower with two teams competing.
         """
         loaded: list = []
         ready = threading.Event()
@@ -83,15 +85,18 @@ class Engine:
 
         def run() -> None:
             try:
-                loaded.append(ModelRunner(args))
+                loaded.append(start_executor(args))
             except BaseException as e:  # handed to the caller of Engine()
                 loaded.append(e)
                 return
             finally:
                 ready.set()
             self._started.wait()
-            if not self._abandoned:
-                self._loop()
+            try:
+                if not self._abandoned:
+                    self._loop()
+            finally:
+                loaded[0].shutdown()
 
         self._thread = threading.Thread(target=run, name="dsserve-engine", daemon=True)
         self._thread.start()
@@ -121,8 +126,8 @@ class Engine:
         rid = rid or f"req-{n}"
         seed = params.seed if params.seed is not None else self.args.seed * 1_000_003 + n
         handle = RequestHandle(rid, self)
-        req = Request(rid, ids, params, torch.Generator(self.runner.torch_device).manual_seed(seed), handle,
-                      want_prompt_logprobs=return_prompt_logprobs, token_override=token_override)
+        req = Request(rid, ids, params, seed, handle, want_prompt_logprobs=return_prompt_logprobs,
+                      token_override=token_override)
         req.prompt_logprobs = [None] if return_prompt_logprobs else []
         req.prompt_top_logprobs = [None] if return_prompt_logprobs and params.top_logprobs else []
         self._send(AddRequest(req))
@@ -142,10 +147,28 @@ class Engine:
         self._send(FlushCache(done))
         done.wait()
 
+    def run_on_worker(self, fn: Callable, *args):
+        """`fn(model_runner, *args)` run where the model lives, between two steps; its result.
+
+        With the worker in its own process, `fn` and its result travel by pickle: `fn` must be a
+        module-level function (benchmarks count weight bytes and tests inspect layers this way).
+        """
+        call = CallWorker(fn, args, threading.Event())
+        self._send(call)
+        call.done.wait()
+        if isinstance(call.result[0], BaseException):
+            raise call.result[0]
+        return call.result[0]
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine has stopped serving (shut down, or its model worker died)."""
+        return not self._stopping and self._failure is None
+
     def _send(self, message: InboxMessage) -> None:
         with self._wakeup:
-            if self._stopping and isinstance(message, AddRequest):
-                raise RequestError("the engine is shutting down")
+            if not self.alive and not isinstance(message, AbortRequest):
+                raise EngineUnavailable(self._failure or "the engine is shutting down")
             self._inbox.append(message)
             self._wakeup.notify()
 
@@ -196,10 +219,10 @@ class Engine:
             ids = list(input_ids or [])
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.runner.config.vocab_size
+        vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        limit = self.runner.max_context
+        limit = self.info.max_context
         if len(ids) >= limit:
             raise RequestError(f"the prompt has {len(ids)} tokens, but this model's maximum context is {limit} "
                                "tokens", param="prompt", code="context_length_exceeded")
@@ -212,12 +235,22 @@ class Engine:
 
     # --------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
-        while self._wait_for_work():
-            self._step()
-        for message in self._take_inbox():  # what was sent before the shutdown is answered too
+        try:
+            while self._wait_for_work():
+                self._step()
+        except WorkerDied as e:  # nothing can run any more: end everything, refuse what comes
+            log.error("%s; the engine stops", e)
+            with self._wakeup:
+                self._failure = str(e)
+        for message in self._take_inbox():  # what was sent before the end is answered too
             self._apply(message)
         for req in self.scheduler.abort_all():
-            self.outputs.emit(req, Finish("abort"), error="the engine shut down")
+            if self._failure:
+                self.outputs.emit(req, Finish("error"), error=self._failure)
+            else:
+                self.outputs.emit(req, Finish("abort"), error="the engine shut down")
+        for done in self._pending_flushes:
+            done.set()
 
     def _step(self) -> None:
         """One engine step: take the inbox, schedule, run, postprocess (the scheduler's), emit."""
@@ -235,14 +268,30 @@ class Engine:
     def _forward(self, batch: ScheduledBatch) -> SampleOutput | None:
         """The batch's next tokens; None when the pass failed (its requests are then ended with an
         error: one broken batch must not take the engine down)."""
-        try:
-            return sample_batch(batch, self.runner.forward(batch.items))
-        except Exception as e:
-            log.error("forward pass failed: %s", traceback.format_exc())
+        out = self.executor.execute(self._step_input(batch))
+        if out.error is not None:
+            reason = out.error.strip().splitlines()[-1]   # the exception's line of the worker's traceback
             for req in batch.requests:
                 self.scheduler.finish(req)
-                self.outputs.emit(req, Finish("error"), error=f"internal error: {e}")
+                self.outputs.emit(req, Finish("error"), error=f"internal error: {reason}")
             return None
+        for req in batch.requests:
+            if req.rid in out.prompt_logprobs:
+                req.record_prompt_logprobs(out.prompt_logprobs[req.rid])
+        return out.sampled
+
+    def _step_input(self, batch: ScheduledBatch) -> StepInput:
+        """The pass as the worker sees it: new requests' sampling state, the forced tokens (a
+        caller's token_override runs here, on the engine thread), the requests it can forget."""
+        live = self.scheduler.requests
+        ended = [rid for rid, r in self._on_worker.items() if live.get(rid) is not r]
+        for rid in ended:
+            del self._on_worker[rid]
+        new = [r for r in batch.requests if r.rid not in self._on_worker]
+        self._on_worker.update((r.rid, r) for r in new)
+        started = [SequenceStart(r.rid, r.prompt_ids, r.params, r.seed) for r in new]
+        forced = [r.token_override(r.output_ids) if r.token_override else None for r in batch.sampling]
+        return StepInput(batch.items, [r.rid for r in batch.requests], batch.completes, forced, started, ended)
 
     def _wait_for_work(self) -> bool:
         """Sleep while there is nothing to do; False once shutting down."""
@@ -265,8 +314,22 @@ class Engine:
             req = self.scheduler.abort(message.rid)
             if req is not None:
                 self.outputs.emit(req, Finish("abort"))
+        elif isinstance(message, CallWorker):
+            self._call_worker(message)
         else:
             self._pending_flushes.append(message.done)
+
+    def _call_worker(self, call: CallWorker) -> None:
+        try:
+            if self._failure:
+                raise EngineUnavailable(self._failure)
+            call.result.append(self.executor.call(call.fn, *call.args))
+        except Exception as e:  # the caller gets it; a dead worker also stops the loop
+            call.result.append(e)
+            if isinstance(e, WorkerDied):
+                raise
+        finally:
+            call.done.set()
 
     def _complete_flushes(self) -> None:
         """Flush the prefix cache once no request holds part of it."""

@@ -18,3 +18,8 @@ class RequestError(ValueError):
 
     def message_for(self, param_name: str | None) -> str:
         return self.template.format(param=param_name or self.param)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine no longer takes requests: it is shutting down, or its model worker died (a
+    server answers 503; the message says which)."""

@@ -7,14 +7,18 @@ from .backends import AttentionBackend
 
 
 class PageAllocator:
-    """Free-list of page ids. Page 0 is never handed out: padded page tables point at it, so a
-    kernel that reads a padding entry reads harmless memory and never a live sequence's KV."""
+    """Free-list of the pool's page ids (the engine's bookkeeping; the pages themselves live with the
+    model). Page 0 is never handed out: padded page tables point at it, so a kernel that reads a
+    padding entry reads harmless memory and never a live sequence's KV."""
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, page_size: int):
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages")
-        self.num_pages = num_pages
+        self.num_pages, self.page_size = num_pages, page_size
         self._free = list(range(num_pages - 1, 0, -1))
+
+    def pages_for(self, tokens: int) -> int:
+        return (tokens + self.page_size - 1) // self.page_size
 
     @property
     def num_free(self) -> int:
@@ -42,7 +46,6 @@ class KVPool:
         self.page_size = page_sizes.pop()
         self.num_pages = num_pages
         self.caches = [b.create_cache(num_pages, device) for b in backends]
-        self.allocator = PageAllocator(num_pages)
 
     @property
     def capacity_tokens(self) -> int:
@@ -53,6 +56,3 @@ class KVPool:
     def bytes_per_token(backends: list[AttentionBackend]) -> int:
         return sum(b.spec.kv_elements_per_token * torch.empty(0, dtype=b.spec.dtype).element_size()
                    for b in backends)
-
-    def pages_for(self, tokens: int) -> int:
-        return (tokens + self.page_size - 1) // self.page_size

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .request import Request
 
@@ -24,4 +25,15 @@ class FlushCache:
     done: threading.Event
 
 
-InboxMessage = AddRequest | AbortRequest | FlushCache
+@dataclass(frozen=True)
+class CallWorker:
+    """Run `fn(model_runner, *args)` on the model worker between two steps; its result (or the
+    exception it raised) goes into `result`, then `done` is set."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    done: threading.Event
+    result: list = field(default_factory=list)
+
+
+InboxMessage = AddRequest | AbortRequest | FlushCache | CallWorker

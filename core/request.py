@@ -8,9 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
 from .sampling_params import SamplingParams
+from .worker_protocol import PromptLogprob
 
 
 @dataclass
@@ -165,7 +164,7 @@ class Request:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    seed: int                 # of its sampler's random generator (which lives with the model)
     handle: RequestHandle
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
@@ -198,6 +197,15 @@ class Request:
             self.logprobs.append(logprob)
         if top_logprobs is not None and self.params.top_logprobs:
             self.top_logprobs.append(top_logprobs)
+
+    def record_prompt_logprobs(self, entries: list[PromptLogprob]) -> None:
+        """Keep the prompt log-probs a pass computed: each position once, in order (a retracted
+        request's prompt is computed again, and nothing is recorded twice)."""
+        for e in entries:
+            if e.position == len(self.prompt_logprobs) and e.position < len(self.prompt_ids):
+                self.prompt_logprobs.append(e.logprob)
+                if e.top is not None:
+                    self.prompt_top_logprobs.append(e.top)
 
     @property
     def all_ids(self) -> list[int]:

@@ -2,25 +2,13 @@
 its own parameters and its own random generator (so its tokens do not depend on its batch)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .batch import ScheduledBatch
-from .request import Request
+from .batch import logit_rows
 from .sampling_params import SamplingParams
-
-
-@dataclass
-class SampleOutput:
-    token_ids: list[int]
-    logprobs: list[float] | None        # per row, of the chosen token; None when no row asked
-    top_logprobs: list[list[tuple[int, float]]] | None
-
-    def row(self, i: int) -> tuple[int, float | None, list[tuple[int, float]] | None]:
-        """(token, its log-prob, the top alternatives) of row i; None where not computed."""
-        return (self.token_ids[i], None if self.logprobs is None else self.logprobs[i],
-                None if self.top_logprobs is None else self.top_logprobs[i])
+from .worker_protocol import PromptLogprob, SampleOutput, StepInput, StepOutput
 
 
 def sample(
@@ -71,34 +59,51 @@ def sample(
     return SampleOutput(token_ids, chosen_lp, top)
 
 
-def sample_batch(batch: ScheduledBatch, logits: torch.Tensor) -> SampleOutput:
-    """One token for each of `batch.sampling`, in that order, from the last logits row of each.
-    Requests that asked for prompt log-probs get this pass's share of them recorded first."""
-    rows = batch.logit_rows()
-    for req, item, r in zip(batch.requests, batch.items, rows):
+@dataclass
+class SequenceSampling:
+    """What the worker keeps of one request for its sampling: parameters, generator, token history."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+
+
+def sample_step(step: StepInput, logits: torch.Tensor, sequences: dict[str, SequenceSampling]) -> StepOutput:
+    """One token for each completing request of `step`, in batch order, from the last logits row of
+    each; the prompt log-probs of the items that asked for them."""
+    rows = logit_rows(step.items)
+    prompt_lp = {}
+    for rid, item, r in zip(step.rids, step.items, rows):
         if item.logits == "all":
-            record_prompt_logprobs(req, logits[r.start:r.stop])
-    reqs = batch.sampling
-    if not reqs:
-        return SampleOutput([], None, None)
-    last_rows = [r.stop - 1 for r, done in zip(rows, batch.completes) if done]
-    forced = [r.token_override(r.output_ids) if r.token_override else None for r in reqs]
-    return sample(logits[last_rows], [r.params for r in reqs], [r.generator for r in reqs],
-                  [(r.prompt_ids, r.output_ids) for r in reqs], forced)
+            seq = sequences[rid]
+            prompt_lp[rid] = prompt_logprobs(logits[r.start:r.stop], item.prefix_len, seq.prompt_ids,
+                                             seq.params.top_logprobs)
+    seqs = [sequences[rid] for rid, done in zip(step.rids, step.completes) if done]
+    if not seqs:
+        return StepOutput(SampleOutput([], None, None), prompt_lp)
+    last_rows = [r.stop - 1 for r, done in zip(rows, step.completes) if done]
+    sampled = sample(logits[last_rows], [s.params for s in seqs], [s.generator for s in seqs],
+                     [(s.prompt_ids, s.output_ids) for s in seqs], step.forced)
+    for seq, token in zip(seqs, sampled.token_ids):
+        seq.output_ids.append(token)
+    return StepOutput(sampled, prompt_lp)
 
 
-def record_prompt_logprobs(req: Request, rows: torch.Tensor) -> None:
-    """Row j scores the token after position num_computed + j (kept once, even after a retraction);
-    with top_logprobs, the k most likely tokens at each prompt position too."""
-    logp = torch.log_softmax(rows.float(), dim=-1)
-    k = req.params.top_logprobs
-    top = logp.topk(k, dim=-1) if k else None
-    for j in range(rows.shape[0]):
-        target = req.num_computed + j + 1
-        if target == len(req.prompt_logprobs) and target < len(req.prompt_ids):
-            req.prompt_logprobs.append(float(logp[j, req.prompt_ids[target]]))
-            if top is not None:
-                req.prompt_top_logprobs.append(list(zip(top.indices[j].tolist(), top.values[j].tolist())))
+def prompt_logprobs(rows: torch.Tensor, prefix_len: int, prompt_ids: list[int], k: int) -> list[PromptLogprob]:
+    """Row j of a pass that starts at position `prefix_len` scores prompt token prefix_len + j + 1
+    (with k > 0, the k most likely tokens there too); the row after the prompt's end scores nothing."""
+    n = min(rows.shape[0], len(prompt_ids) - prefix_len - 1)
+    if n <= 0:
+        return []
+    logp = torch.log_softmax(rows[:n].float(), dim=-1)
+    targets = torch.tensor(prompt_ids[prefix_len + 1: prefix_len + 1 + n], device=logp.device)
+    chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+    top = None
+    if k:
+        vals, ids = logp.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return [PromptLogprob(prefix_len + 1 + j, chosen[j], top[j] if top else None) for j in range(n)]
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -13,10 +13,10 @@ from collections import deque
 from typing import Callable
 
 from .batch import BatchItem, ScheduledBatch
-from .kv_cache import KVPool
+from .kv_cache import PageAllocator
 from .radix_cache import RadixCache
 from .request import Finish, Request
-from .sampling import SampleOutput
+from .worker_protocol import SampleOutput
 
 log = logging.getLogger("dsserve")
 
@@ -31,8 +31,8 @@ class Scheduler:
     """Owns every request from its arrival to its end: the queue, the running set, their KV pages
     and the token accounting after each pass."""
 
-    def __init__(self, kv: KVPool, tree: RadixCache, max_running: int, chunked_prefill_size: int):
-        self.kv, self.tree = kv, tree
+    def __init__(self, allocator: PageAllocator, tree: RadixCache, max_running: int, chunked_prefill_size: int):
+        self.allocator, self.tree = allocator, tree
         self.max_running = max_running
         self.chunk_budget = chunked_prefill_size
         self.requests: dict[str, Request] = {}   # every request not yet finished, by rid
@@ -99,8 +99,8 @@ class Scheduler:
         self._release(req)
 
     def kv_usage(self) -> float:
-        used = self.kv.allocator.num_pages - 1 - self.kv.allocator.num_free - self.tree.evictable_pages
-        return used / (self.kv.allocator.num_pages - 1)
+        used = self.allocator.num_pages - 1 - self.allocator.num_free - self.tree.evictable_pages
+        return used / (self.allocator.num_pages - 1)
 
     # ------------------------------------------------------------------------------ extend step
     def _schedule_extend(self) -> ScheduledBatch | None:
@@ -167,8 +167,8 @@ class Scheduler:
     def _fits(self, r: Request, cached: int) -> bool:
         """Optimistic admission: room for this prompt plus a share of everyone's remaining output.
         Input already backed by pages (a chunk granted earlier in this pass) is counted by num_free."""
-        page = self.kv.page_size
-        available = self.kv.allocator.num_free + self.tree.evictable_pages
+        page = self.allocator.page_size
+        available = self.allocator.num_free + self.tree.evictable_pages
         reserved = sum(
             (max(0, x.params.max_new_tokens - len(x.output_ids)) * self.new_token_ratio
              + max(0, x.num_tokens - len(x.pages) * page)) / page
@@ -179,13 +179,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ decode step
     def _schedule_decode(self, decoding: list[Request]) -> ScheduledBatch | None:
-        page = self.kv.page_size
+        page = self.allocator.page_size
         while True:
             need = sum(1 for r in decoding if r.num_computed % page == 0)
-            if need <= self.kv.allocator.num_free:
+            if need <= self.allocator.num_free:
                 break
-            self.tree.evict(need - self.kv.allocator.num_free)
-            if need <= self.kv.allocator.num_free:
+            self.tree.evict(need - self.allocator.num_free)
+            if need <= self.allocator.num_free:
                 break
             self._retract(decoding)
         if not decoding:
@@ -212,12 +212,12 @@ class Scheduler:
     # ---------------------------------------------------------------------------------- memory
     def _grow(self, r: Request, tokens: int) -> bool:
         """Give r pages for `tokens` tokens, evicting from the prefix tree when needed."""
-        need = self.kv.pages_for(tokens) - len(r.pages)
+        need = self.allocator.pages_for(tokens) - len(r.pages)
         if need <= 0:
             return True
-        if self.kv.allocator.num_free < need:
-            self.tree.evict(need - self.kv.allocator.num_free)
-        pages = self.kv.allocator.alloc(need)
+        if self.allocator.num_free < need:
+            self.tree.evict(need - self.allocator.num_free)
+        pages = self.allocator.alloc(need)
         if pages is None:
             return False
         r.pages.extend(pages)
@@ -225,10 +225,10 @@ class Scheduler:
 
     def _release(self, r: Request) -> None:
         """Hand r's computed full pages to the prefix tree, free the rest, drop its tree lock."""
-        page = self.kv.page_size
+        page = self.allocator.page_size
         full = min(r.num_computed // page, len(r.pages))
         duplicates = self.tree.insert(r.all_ids[: full * page], r.pages[:full]) if full else []
-        self.kv.allocator.free(duplicates + r.pages[full:])
+        self.allocator.free(duplicates + r.pages[full:])
         if r.prefix_node is not None:
             self.tree.unlock(r.prefix_node)
         r.pages, r.num_computed, r.prefix_node = [], 0, None

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .args import ServerArgs
 from dsserve.core.engine import Engine
-from dsserve.core.errors import RequestError
+from dsserve.core.errors import EngineUnavailable, RequestError
 from dsserve.core.sampling_params import SamplingParams
 from .chat import ChatServing
 from .completions import CompletionServing
@@ -95,7 +95,8 @@ def create_app(engine: Engine, args: ServerArgs | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        """200 while the engine serves; 503 once it has stopped (shut down, or its model worker died)."""
+        return Response(status_code=200 if engine.alive else 503)
 
     @app.get("/health_generate")
     async def health_generate():
@@ -104,7 +105,7 @@ def create_app(engine: Engine, args: ServerArgs | None = None) -> FastAPI:
         try:
             handle = engine.add_request(input_ids=[bos if bos is not None else 0],
                                         sampling_params=SamplingParams(max_new_tokens=1, temperature=0))
-        except RequestError as e:
+        except (RequestError, EngineUnavailable) as e:
             raise APIError(503, f"the engine refused a request: {e}") from None
 
         async def one_token():
@@ -148,8 +149,8 @@ def create_app(engine: Engine, args: ServerArgs | None = None) -> FastAPI:
 
     @app.get("/get_model_info")
     async def get_model_info():
-        return {"model_path": str(engine.runner.model_path), "served_model_name": serving.model_name,
-                "tokenizer_path": args.tokenizer_path or str(engine.runner.model_path), "is_generation": True,
+        return {"model_path": engine.info.model_path, "served_model_name": serving.model_name,
+                "tokenizer_path": args.tokenizer_path or engine.info.model_path, "is_generation": True,
                 "max_context_length": serving.max_context}
 
     routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))

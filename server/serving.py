@@ -19,7 +19,7 @@ from fastapi import Request
 
 from .args import ServerArgs
 from dsserve.core.engine import Engine
-from dsserve.core.errors import RequestError
+from dsserve.core.errors import EngineUnavailable, RequestError
 from dsserve.core.request import RequestHandle, RequestOutput
 from dsserve.core.sampling_params import SamplingParams
 from .errors import APIError, bad_request
@@ -70,8 +70,8 @@ class Serving:
             self.model_names |= {args.model_path, Path(args.model_path).name}
         else:
             self.model_names.add(TINY_NAME)
-        self.max_context = engine.runner.max_context
-        self.vocab_size = engine.runner.config.vocab_size
+        self.max_context = engine.info.max_context
+        self.vocab_size = engine.info.vocab_size
         self.chat_template = resolve_chat_template(args.chat_template)
         self.max_n = args.max_running_requests
         self._ids = itertools.count()
@@ -152,6 +152,9 @@ class Serving:
         except RequestError as e:
             abort_unfinished(handles)
             raise client_error(e, names) from None
+        except EngineUnavailable as e:
+            abort_unfinished(handles)
+            raise APIError(503, str(e), type="server_error") from None
         self.live.update(handles)
         return handles
 

@@ -56,6 +56,19 @@ def scripted_output(engine, text: str, end_with_eos: bool = True):
         del engine.add_request
 
 
+def fail_forward(runner, message: str) -> None:
+    """Make every forward pass raise RuntimeError(message), where the model lives (pass it to
+    `engine.run_on_worker`; a worker process imports this module by name)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError(message)
+
+    runner.forward = broken
+
+
+def restore_forward(runner) -> None:
+    del runner.forward   # the instance attribute fail_forward set; the class's method shows again
+
+
 def sse_events(response: httpx.Response) -> list:
     """The JSON payloads of an SSE response, and "[DONE]" as a string."""
     events = []

@@ -84,4 +84,4 @@ def test_weights_larger_than_device_memory_say_how_much_is_needed(monkeypatch):
     registry.register(_SmallMemoryPlugin(), name="smallmem")
     monkeypatch.setattr("dsserve.core.model_runner.default_registry", lambda: registry)
     with pytest.raises(CheckpointError, match=r"need \d+\.\d+ GiB .* only 0\.00 GiB is free on smallmem"):
-        Engine(device="smallmem")
+        Engine(device="smallmem", model_worker="thread")   # the plugin is registered in this process

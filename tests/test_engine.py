@@ -36,7 +36,7 @@ def _alone(eng, prompts, params):
 @pytest.mark.parametrize("shared_prefix", [0, 37])
 def test_batched_greedy_equals_alone(model, shared_prefix):
     _, eng = model
-    prompts, params = _requests(eng.runner.config.vocab_size, shared_prefix=shared_prefix)
+    prompts, params = _requests(eng.info.vocab_size, shared_prefix=shared_prefix)
     together = [o.token_ids for o in eng.generate(input_ids=prompts, sampling_params=params)]
     assert [len(t) for t in together] == [p.max_new_tokens for p in params]
     assert together == _alone(eng, prompts, params)
@@ -50,7 +50,7 @@ def test_batched_greedy_equals_alone(model, shared_prefix):
 ])
 def test_memory_pressure_and_chunking_keep_outputs(model, options):
     path, ref = model
-    prompts, params = _requests(ref.runner.config.vocab_size, seed=1, shared_prefix=20)
+    prompts, params = _requests(ref.info.vocab_size, seed=1, shared_prefix=20)
     expected = [o.token_ids for o in ref.generate(input_ids=prompts, sampling_params=params)]
     with Engine(model_path=path, device="cpu", dtype="float32", **options) as eng:
         got = [o.token_ids for o in eng.generate(input_ids=prompts, sampling_params=params)]
@@ -68,13 +68,13 @@ def test_prefix_cache_reports_cached_tokens(model):
     first = eng.generate(input_ids=[prompt], sampling_params=sp)[0]
     second = eng.generate(input_ids=[prompt], sampling_params=sp)[0]
     assert second.token_ids == first.token_ids
-    page = eng.runner.kv.page_size
+    page = eng.info.page_size
     assert second.cached_tokens == (len(prompt) - 1) // page * page > 0
 
 
 def test_seeded_sampling_is_batch_independent(model):
     _, eng = model
-    prompts, _ = _requests(eng.runner.config.vocab_size, n=6, seed=2)
+    prompts, _ = _requests(eng.info.vocab_size, n=6, seed=2)
     params = [SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=100 + i, ignore_eos=True)
               for i in range(6)]
     together = [o.token_ids for o in eng.generate(input_ids=prompts, sampling_params=params)]
@@ -85,7 +85,7 @@ def test_seeded_sampling_is_batch_independent(model):
 
 def test_top_k_one_equals_greedy(model):
     _, eng = model
-    prompts, _ = _requests(eng.runner.config.vocab_size, n=4, seed=3)
+    prompts, _ = _requests(eng.info.vocab_size, n=4, seed=3)
     greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     top1 = SamplingParams(max_new_tokens=10, temperature=1.3, top_k=1, ignore_eos=True)
     assert ([o.token_ids for o in eng.generate(input_ids=prompts, sampling_params=greedy)]
@@ -94,7 +94,7 @@ def test_top_k_one_equals_greedy(model):
 
 def test_abort_frees_every_page(model):
     _, eng = model
-    allocator = eng.runner.kv.allocator
+    allocator = eng.scheduler.allocator
     eng.flush_cache()
     start = allocator.num_free
     sp = SamplingParams(max_new_tokens=500, temperature=0, ignore_eos=True)
@@ -111,7 +111,7 @@ def test_abort_frees_every_page(model):
 
 def test_too_long_request_is_rejected_and_others_are_served(model):
     _, eng = model
-    limit = eng.runner.max_context
+    limit = eng.info.max_context
     with pytest.raises(RequestError, match="maximum context"):
         eng.add_request(input_ids=[7] * limit, sampling_params=SamplingParams(max_new_tokens=1))
     out = eng.generate(input_ids=[[7, 8, 9]], sampling_params=SamplingParams(max_new_tokens=3, ignore_eos=True))

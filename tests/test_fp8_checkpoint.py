@@ -123,7 +123,9 @@ def ckpt(tmp_path_factory):
 def engine(ckpt):
     from dsserve import Engine
 
-    eng = Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024)
+    # model_worker="thread": the tests read the model itself
+    eng = Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024,
+                 model_worker="thread")
     yield eng
     eng.shutdown()
 
@@ -184,12 +186,12 @@ def w8a8(engine, runs) -> list[torch.Tensor]:
 def _prompt_logits(engine, ids: list[int]) -> torch.Tensor:
     from dsserve.core.batch import BatchItem
 
-    runner = engine.runner
-    pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(ids)))
+    allocator = engine.scheduler.allocator   # the engine is idle: its pages are ours for a moment
+    pages = allocator.alloc(allocator.pages_for(len(ids)))
     try:
-        return runner.forward([BatchItem(ids, 0, pages, "all")])
+        return engine.executor.runner.forward([BatchItem(ids, 0, pages, "all")])
     finally:
-        runner.kv.allocator.free(pages)
+        allocator.free(pages)
 
 
 def _nerr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -223,7 +225,7 @@ def test_linears_and_experts_stay_fp8(engine, ckpt):
     from dsserve.models.layers import Linear, RoutedExperts
 
     deq = ckpt[2]
-    model = engine.runner.model
+    model = engine.executor.runner.model
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     for name, lin in linears.items():
         if name == "lm_head":
@@ -265,8 +267,9 @@ def test_routed_experts_take_their_fp8_bytes_and_the_log_says_so(ckpt, runs, cap
     # a device kernel may add per-column copies of the scales (cpu: 4 bytes per row per 128 columns)
     most = stored + E * 4 * 3 * I * D // BLOCK
     with (caplog.at_level("INFO", logger="dsserve.loader"),
-          Engine(model_path=str(ckpt[0]), device="cpu", dtype="bfloat16", max_total_tokens=1024) as eng):
-        for m in eng.runner.model.modules():
+          Engine(model_path=str(ckpt[0]), device="cpu", dtype="bfloat16", max_total_tokens=1024,
+                 model_worker="thread") as eng):
+        for m in eng.executor.runner.model.modules():
             if isinstance(m, RoutedExperts):
                 held = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n.startswith("w"))
                 assert stored <= held <= most
@@ -286,7 +289,7 @@ def test_absorbed_mla_weights_are_the_dequantised_kv_b_proj(engine, ckpt):
     from dsserve.core.reference import ReferenceQuantizedLinear
 
     deq = ckpt[2]
-    attn = engine.runner.model.layers[2].self_attn
+    attn = engine.executor.runner.model.layers[2].self_attn
     _assert_absorbed(attn, deq["model.layers.2.self_attn.kv_b_proj.weight"].view(2, 128, 128))
     method, params = attn.kv_b_proj.method, dict(attn.kv_b_proj.params)
     via_identity = method.apply(params, torch.eye(128)).T
@@ -319,7 +322,8 @@ def test_without_activation_rounding_the_model_is_the_oracle(ckpt, runs):
             return DequantizingFp8MoE(spec) if spec.quant == "fp8_block" else None
 
     with serving_cpu(Dequantizing(), "dequantizing-fp8"), \
-            Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024) as eng:
+            Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024,
+                   model_worker="thread") as eng:   # the plugin is in this process
         got = [_prompt_logits(eng, seq) for seq in runs.seqs]
     err = _nerr(got, runs.oracle)
     print(f"\nnormalised logit error without activation rounding: {err:.1e}")
@@ -565,9 +569,10 @@ def test_rocm_fnuz_conversion_runs_after_loading(ckpt):
             return Fp8BlockLinearFnuz(spec) if spec.quant == "fp8_block" else None
 
     with serving_cpu(FnuzOnCpu(), "fnuz-on-cpu"):
-        eng = Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024)
+        eng = Engine(model_path=str(ckpt[0]), device="cpu", dtype="float32", max_total_tokens=1024,
+                     model_worker="thread")  # the plugin above lives in this process
     try:
-        model = eng.runner.model
+        model = eng.executor.runner.model
         fp8 = [m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]
         assert fp8 and all(type(m.method) is Fp8BlockLinearFnuz for m in fp8)
         assert all(m.params["weight"].dtype == torch.float8_e4m3fnuz for m in fp8)

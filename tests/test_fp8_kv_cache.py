@@ -80,7 +80,7 @@ def _runner(path, dtype, kv_cache_dtype):
 def _logits(runner: ModelRunner, tokens: list[int], prompt: int = 25) -> torch.Tensor:
     """float32 logits of every prompt row (one prefill, which reads its own K/V back from the cache),
     then of each later token decoded one at a time."""
-    pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(tokens)))
+    pages = list(range(1, 1 + -(-len(tokens) // runner.kv.page_size)))   # page 0 is the padding page
     rows = [runner.forward([BatchItem(tokens[:prompt], 0, pages, "all")])]
     for i, tok in enumerate(tokens[prompt:]):
         rows.append(runner.forward([BatchItem([tok], prompt + i, pages, "last")]))
@@ -147,7 +147,8 @@ def test_greedy_generation_and_start_up_line(caplog):
     caplog.set_level(logging.INFO, logger="dsserve")
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
-    with Engine(device="cpu", dtype="bfloat16", max_total_tokens=512, kv_cache_dtype="fp8_e4m3") as eng:
+    with Engine(device="cpu", dtype="bfloat16", max_total_tokens=512, kv_cache_dtype="fp8_e4m3",
+                model_worker="thread") as eng:   # caplog sees the start-up line of this process
         outs = eng.generate(input_ids=prompts, sampling_params=[params, params])
         alone = eng.generate(input_ids=[prompts[1]], sampling_params=params)[0].token_ids
     assert [len(o.token_ids) for o in outs] == [12, 12]

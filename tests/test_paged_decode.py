@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dsserve.core.config import EngineArgs
+from dsserve.core.kv_cache import PageAllocator
 from dsserve.core.batch import BatchItem
 from dsserve.core.model_runner import ModelRunner
 from hf_checkpoints import build
@@ -24,11 +25,12 @@ def test_decode_after_prefill_equals_recompute(checkpoint, page_size):
     def run(new, prefix, pages, logits="last"):
         return runner.forward([BatchItem(new, prefix, pages, logits)])
 
-    whole_pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(tokens)))
+    allocator = PageAllocator(runner.kv.num_pages, runner.kv.page_size)
+    whole_pages = allocator.alloc(allocator.pages_for(len(tokens)))
     recomputed = run(tokens, 0, whole_pages, logits="all")         # [40, V]
-    runner.kv.allocator.free(whole_pages)
+    allocator.free(whole_pages)
 
-    pages = runner.kv.allocator.alloc(runner.kv.pages_for(len(tokens)))
+    pages = allocator.alloc(allocator.pages_for(len(tokens)))
     # a prefill in two chunks (the second sees the first through the cache), then one token at a time
     stepwise = [run(prompt[:11], 0, pages, logits="all"), run(prompt[11:], 11, pages, logits="all")]
     for i, tok in enumerate(rest):

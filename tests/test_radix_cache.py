@@ -8,7 +8,7 @@ from dsserve.core.radix_cache import RadixCache
 
 
 def make(num_pages=64, page_size=4, enabled=True):
-    alloc = PageAllocator(num_pages)
+    alloc = PageAllocator(num_pages, page_size)
     return alloc, RadixCache(alloc, page_size, enabled)
 
 

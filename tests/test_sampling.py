@@ -1,14 +1,15 @@
 """The batched sampler on hand-made logits: greedy, seeded reproducibility, the top-k / top-p / min-p
 filters, the sampled distribution, penalties, forced tokens, log-probs, SamplingParams validation,
-and sample_batch's mapping of a scheduled batch's logits rows."""
+and sample_step's mapping of a pass's logits rows (the worker's side) to tokens and prompt log-probs."""
 import pytest
 import torch
 
-from dsserve.core.batch import BatchItem, ScheduledBatch
+from dsserve.core.batch import BatchItem
 from dsserve.core.errors import RequestError
 from dsserve.core.request import Request
-from dsserve.core.sampling import _apply_penalties, sample, sample_batch
+from dsserve.core.sampling import SequenceSampling, _apply_penalties, sample, sample_step
 from dsserve.core.sampling_params import SamplingParams
+from dsserve.core.worker_protocol import StepInput
 
 V = 32
 
@@ -207,65 +208,74 @@ def test_sampling_params_boundaries_are_accepted_and_stops_normalized():
     assert not SamplingParams().has_penalties and SamplingParams(presence_penalty=0.1).has_penalties
 
 
-# ------------------------------------------------------------------------------ sample_batch
-def request(rid, prompt, output=(), num_computed=0, want_prompt_logprobs=False, **params):
-    r = Request(rid, list(prompt), SamplingParams(temperature=0, **params), gen(0), None,
-                output_ids=list(output), num_computed=num_computed, want_prompt_logprobs=want_prompt_logprobs)
-    if want_prompt_logprobs:   # as Engine.add_request: the first prompt token has no log-prob
-        r.prompt_logprobs = [None]
-        r.prompt_top_logprobs = [None] if r.params.top_logprobs else []
+# ------------------------------------------------------------------------------ sample_step
+def sequence(prompt, output=(), **params):
+    return SequenceSampling(SamplingParams(temperature=0, **params), gen(0), list(prompt), list(output))
+
+
+def step_input(items, rids, completes, forced=None):
+    n = sum(completes)
+    return StepInput(items, rids, completes, forced or [None] * n)
+
+
+def request(prompt, want_prompt_logprobs=True, **params):
+    """The engine's side of a request, as Engine.add_request makes it (the first prompt token has no log-prob)."""
+    r = Request("a", list(prompt), SamplingParams(temperature=0, **params), 0, None,
+                want_prompt_logprobs=want_prompt_logprobs)
+    r.prompt_logprobs = [None]
+    r.prompt_top_logprobs = [None] if r.params.top_logprobs else []
     return r
 
 
-def test_sample_batch_maps_rows_records_prompt_logprobs_and_samples_completing_requests():
-    a = request("a", [3, 1, 4, 1, 5], want_prompt_logprobs=True, top_logprobs=2)
-    b = request("b", [2, 7, 1], output=[8], num_computed=3)             # a decode step
-    c = request("c", range(10), num_computed=0)                          # a partial chunk: no logits
-    items = [BatchItem(a.prompt_ids, 0, [], "all"), BatchItem([8], 3, [], "last"),
-             BatchItem(list(range(4)), 0, [], "none")]
-    batch = ScheduledBatch("extend", [a, b, c], items)
-    assert batch.completes == [True, True, False] and batch.sampling == [a, b]
+def test_sample_step_maps_rows_scores_prompts_and_samples_completing_requests():
+    seqs = {"a": sequence([3, 1, 4, 1, 5], top_logprobs=2), "b": sequence([2, 7, 1], output=[8]),
+            "c": sequence(range(10))}
+    items = [BatchItem([3, 1, 4, 1, 5], 0, [], "all"), BatchItem([8], 3, [], "last"),      # a prefill, a decode
+             BatchItem(list(range(4)), 0, [], "none")]                                   # a partial chunk
     logits = rand_logits(6, vocab=10, seed=9)                            # 5 rows for A, 1 for B, 0 for C
-    out = sample_batch(batch, logits)
-    assert out.token_ids == [logits[4].argmax().item(), logits[5].argmax().item()]
+    out = sample_step(step_input(items, ["a", "b", "c"], [True, True, False]), logits, seqs)
+    assert out.sampled.token_ids == [logits[4].argmax().item(), logits[5].argmax().item()]
+    assert seqs["a"].output_ids == [logits[4].argmax().item()] and seqs["b"].output_ids[-1] == out.sampled.token_ids[1]
+    assert seqs["c"].output_ids == []
     logp = torch.log_softmax(logits, -1)
     # Row j scores prompt token j + 1; the last row predicts the next token and is not a prompt log-prob.
-    assert a.prompt_logprobs[0] is None
-    assert a.prompt_logprobs[1:] == pytest.approx([logp[j, a.prompt_ids[j + 1]].item() for j in range(4)])
-    assert len(a.prompt_top_logprobs) == 5 and a.prompt_top_logprobs[0] is None
-    assert [t for t, _ in a.prompt_top_logprobs[2]] == logp[1].topk(2).indices.tolist()
+    scored = out.prompt_logprobs["a"]
+    assert [e.position for e in scored] == [1, 2, 3, 4] and set(out.prompt_logprobs) == {"a"}
+    assert [e.logprob for e in scored] == pytest.approx([logp[j, [3, 1, 4, 1, 5][j + 1]].item() for j in range(4)])
+    assert [t for t, _ in scored[1].top] == logp[1].topk(2).indices.tolist()
+    a = request([3, 1, 4, 1, 5], top_logprobs=2)
+    a.record_prompt_logprobs(scored)
+    assert a.prompt_logprobs[0] is None and a.prompt_logprobs[1:] == [e.logprob for e in scored]
+    assert len(a.prompt_top_logprobs) == 5 and a.prompt_top_logprobs[2] == scored[1].top
     recorded = list(a.prompt_logprobs)
-    sample_batch(batch, logits + 1.5 * torch.randn(6, 10, generator=gen(1)))   # a replay of the same pass
+    replay = sample_step(step_input(items, ["a", "b", "c"], [True, True, False]),
+                         logits + 1.5 * torch.randn(6, 10, generator=gen(1)), seqs)   # a replay of the same pass
+    a.record_prompt_logprobs(replay.prompt_logprobs["a"])
     assert a.prompt_logprobs == recorded                                      # is recorded once
 
 
 def test_prompt_logprobs_over_chunks_and_after_a_retraction():
     prompt = [5, 6, 7, 8, 9]
-    a = request("a", prompt, want_prompt_logprobs=True)
+    seqs, a = {"a": sequence(prompt)}, request(prompt)
     logits = rand_logits(5, vocab=10, seed=10)
-    first = ScheduledBatch("extend", [a], [BatchItem(prompt[:3], 0, [], "all")])
-    assert sample_batch(first, logits[:3]).token_ids == []             # the prompt is not done: no token
-    a.num_computed = 3
-    second = ScheduledBatch("extend", [a], [BatchItem(prompt[3:], 3, [], "all")])
-    assert sample_batch(second, logits[3:]).token_ids == [logits[4].argmax().item()]
+    first = sample_step(step_input([BatchItem(prompt[:3], 0, [], "all")], ["a"], [False]), logits[:3], seqs)
+    assert first.sampled.token_ids == []                                 # the prompt is not done: no token
+    a.record_prompt_logprobs(first.prompt_logprobs["a"])
+    second = sample_step(step_input([BatchItem(prompt[3:], 3, [], "all")], ["a"], [True]), logits[3:], seqs)
+    assert second.sampled.token_ids == [logits[4].argmax().item()]
+    a.record_prompt_logprobs(second.prompt_logprobs["a"])
     logp = torch.log_softmax(logits, -1)
     expected = [None] + [logp[j, prompt[j + 1]].item() for j in range(4)]
     assert a.prompt_logprobs[0] is None and a.prompt_logprobs[1:] == pytest.approx(expected[1:])
     # Retracted, A is prefilled again from scratch (prompt + output): nothing is recorded twice.
-    a.output_ids, a.num_computed = [1], 0
-    again = ScheduledBatch("extend", [a], [BatchItem(prompt + [1], 0, [], "all")])
-    sample_batch(again, rand_logits(6, vocab=10, seed=11))
-    assert a.prompt_logprobs == expected
+    again = sample_step(step_input([BatchItem(prompt + [1], 0, [], "all")], ["a"], [True]),
+                        rand_logits(6, vocab=10, seed=11), seqs)
+    a.record_prompt_logprobs(again.prompt_logprobs["a"])
+    assert a.prompt_logprobs == pytest.approx(expected[:1] + expected[1:]) and len(a.prompt_logprobs) == 5
 
 
-def test_sample_batch_applies_token_override():
-    seen = []
-
-    def override(output_ids):
-        seen.append(list(output_ids))
-        return 9
-
-    b = request("b", [2, 7, 1], output=[8], num_computed=3)
-    b.token_override = override
-    batch = ScheduledBatch("decode", [b], [BatchItem([8], 3, [], "last")])
-    assert sample_batch(batch, rand_logits(1, vocab=10)).token_ids == [9] and seen == [[8]]
+def test_sample_step_applies_forced_tokens_and_keeps_them_in_the_history():
+    seqs = {"b": sequence([2, 7, 1], output=[8], frequency_penalty=2.0)}
+    out = sample_step(step_input([BatchItem([8], 3, [], "last")], ["b"], [True], forced=[9]),
+                      rand_logits(1, vocab=10), seqs)
+    assert out.sampled.token_ids == [9] and seqs["b"].output_ids == [8, 9]

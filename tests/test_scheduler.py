@@ -5,25 +5,21 @@ import itertools
 import random
 
 import pytest
-import torch
 
 from dsserve.core import scheduler as scheduler_module
 from dsserve.core.batch import BatchItem, ScheduledBatch
-from dsserve.core.kv_cache import KVPool, PageAllocator
+from dsserve.core.kv_cache import PageAllocator
 from dsserve.core.radix_cache import RadixCache
 from dsserve.core.request import Finish, Request
-from dsserve.core.sampling import SampleOutput
+from dsserve.core.worker_protocol import SampleOutput
 from dsserve.core.sampling_params import SamplingParams
 from dsserve.core.scheduler import MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY, Scheduler
 
 
 # ------------------------------------------------------------------------------------- helpers
 def make(num_pages=65, page_size=4, max_running=8, chunk=64):
-    # The real KVPool without its per-layer caches (those need attention backends): the scheduler
-    # only reads allocator, page_size and pages_for, and pages_for stays the real method.
-    kv = KVPool.__new__(KVPool)
-    kv.page_size, kv.num_pages, kv.allocator = page_size, num_pages, PageAllocator(num_pages)
-    return Scheduler(kv, RadixCache(kv.allocator, page_size), max_running, chunk)
+    allocator = PageAllocator(num_pages, page_size)
+    return Scheduler(allocator, RadixCache(allocator, page_size), max_running, chunk)
 
 
 _arrivals = itertools.count()
@@ -31,7 +27,7 @@ _arrivals = itertools.count()
 
 def req(rid, prompt, max_new=8, output=(), arrival=None, want_prompt_logprobs=False, **params):
     return Request(rid, list(prompt), SamplingParams(max_new_tokens=max_new, temperature=0, **params),
-                   torch.Generator(), None, output_ids=list(output), want_prompt_logprobs=want_prompt_logprobs,
+                   0, None, output_ids=list(output), want_prompt_logprobs=want_prompt_logprobs,
                    arrival=next(_arrivals) if arrival is None else arrival)
 
 
@@ -73,14 +69,14 @@ def check_pages(s, stolen=()):
     """Every usable page is in exactly one place: the free list, the tree, `stolen` (taken by the test)
     or privately held by one running request; waiting requests hold nothing; running ones hold exactly
     their computed tokens."""
-    free, in_tree = list(s.kv.allocator._free) + list(stolen), tree_pages(s.tree)
+    free, in_tree = list(s.allocator._free) + list(stolen), tree_pages(s.tree)
     tree_set = set(in_tree)
     private = [p for r in s.running for p in r.pages if p not in tree_set]
-    assert sorted(free + in_tree + private) == list(range(1, s.kv.allocator.num_pages))
+    assert sorted(free + in_tree + private) == list(range(1, s.allocator.num_pages))
     for r in s.waiting:
         assert r.pages == [] and r.num_computed == 0 and r.prefix_node is None
     for r in s.running:
-        assert len(r.pages) == s.kv.pages_for(r.num_computed)
+        assert len(r.pages) == s.allocator.pages_for(r.num_computed)
     assert set(s.requests.values()) == set(s.running) | set(s.waiting)
 
 
@@ -97,7 +93,7 @@ def run_to_end(s, limit=2000):
 def test_short_queue_admits_the_longest_cached_prefix_first():
     s = make(max_running=1)
     prefix = list(range(100, 108))                       # 2 pages of 4
-    held = s.kv.allocator.alloc(2)
+    held = s.allocator.alloc(2)
     s.tree.insert(prefix, held)
     plain, shared = req("plain", range(10, 20)), req("shared", prefix + [1, 2, 3])
     s.add(plain)
@@ -115,7 +111,7 @@ def test_short_queue_admits_the_longest_cached_prefix_first():
 def test_long_queue_is_first_come_first_served(queue, admitted):
     s = make(max_running=1)
     prefix = list(range(100, 108))
-    s.tree.insert(prefix, s.kv.allocator.alloc(2))
+    s.tree.insert(prefix, s.allocator.alloc(2))
     fillers = [req(f"f{i}", [50 + i] * 5) for i in range(queue - 2)]
     for r in [req("first", range(10, 20)), *fillers, req("shared", prefix + [1])]:
         s.add(r)
@@ -144,7 +140,7 @@ def test_a_prompt_larger_than_the_pool_is_not_admitted():
     s.add(big)
     assert s.schedule() is None
     assert list(s.waiting) == [big] and s.running == [] and big.pages == []
-    assert s.kv.allocator.num_free == 8
+    assert s.allocator.num_free == 8
 
 
 def _decoding_one_and_waiting_one():
@@ -202,7 +198,7 @@ def _chunks(s, r):
         item = batch.items[0]
         passes.append((item.new_token_ids, item.prefix_len, item.logits, batch.completes[0]))
         assert batch.sampling == ([r] if batch.completes[0] else [])
-        assert len(item.pages) == s.kv.pages_for(item.prefix_len + len(item.new_token_ids))
+        assert len(item.pages) == s.allocator.pages_for(item.prefix_len + len(item.new_token_ids))
     return passes
 
 
@@ -220,7 +216,7 @@ def test_long_prompt_is_prefilled_in_chunks():
 def test_prompt_logprobs_want_every_row_and_skip_the_prefix_cache():
     s = make(chunk=4)
     prompt = list(range(1, 11))
-    s.tree.insert(prompt[:8], s.kv.allocator.alloc(2))   # cached, but prompt log-probs need every row
+    s.tree.insert(prompt[:8], s.allocator.alloc(2))   # cached, but prompt log-probs need every row
     r = req("r", prompt, want_prompt_logprobs=True)
     s.add(r)
     assert _chunks(s, r) == [(prompt[0:4], 0, "all", False), (prompt[4:8], 4, "all", False),
@@ -270,7 +266,7 @@ def _under_pressure(specs, waiting=()):
         s.add(r)
     batch, _ = step(s)
     assert batch.requests == reqs
-    stolen = s.kv.allocator.alloc(s.kv.allocator.num_free)
+    stolen = s.allocator.alloc(s.allocator.num_free)
     return s, reqs, stolen
 
 
@@ -285,7 +281,7 @@ def test_retraction_takes_the_request_with_fewest_output_tokens_first():
     batch, _ = step(s)
     assert batch.requests == [b] and list(s.waiting) == [c, a] and s.num_retractions == 2
     check_pages(s, stolen)
-    s.kv.allocator.free(stolen)
+    s.allocator.free(stolen)
     run_to_end(s)
     # Retracted requests resume and generate exactly what they would have generated alone.
     assert a.output_ids == reference(a.prompt_ids, 12)
@@ -298,7 +294,7 @@ def test_retraction_ties_go_to_the_latest_arrival_which_goes_to_the_front_of_the
     s, (a, b, c), stolen = _under_pressure([("a", [1, 2, 3], [7], 0), ("b", [4, 5, 6], [7], 1),
                                             ("c", [8, 9, 10], [7, 7, 7], 2)], waiting=[d])
     ratio, pages = s.new_token_ratio, list(b.pages)
-    free_and_evictable = s.kv.allocator.num_free + s.tree.evictable_pages
+    free_and_evictable = s.allocator.num_free + s.tree.evictable_pages
     batch, _ = step(s)
     assert batch.requests == [a, c] and list(s.waiting) == [b, d]
     assert s.num_retractions == 1 and b.retractions == 1
@@ -306,7 +302,7 @@ def test_retraction_ties_go_to_the_latest_arrival_which_goes_to_the_front_of_the
     # B's pages are released (its computed full pages to the tree, where they are evictable), and A
     # and C took one new page each.
     assert b.pages == [] and b.num_computed == 0
-    assert s.kv.allocator.num_free + s.tree.evictable_pages == free_and_evictable + len(pages) - 2
+    assert s.allocator.num_free + s.tree.evictable_pages == free_and_evictable + len(pages) - 2
     check_pages(s, stolen)
 
 
@@ -315,7 +311,7 @@ def _retract_a_with_a_partial_page():
     # token needs a page, none is free: A (fewer outputs) is retracted.
     s, (a, b), stolen = _under_pressure([("a", [1, 2, 3], [7, 7], 0), ("b", [4, 5, 6], [7] * 5, 1)])
     a_pages = list(a.pages)
-    assert s.kv.allocator.num_free == 0
+    assert s.allocator.num_free == 0
     batch, _ = step(s)
     assert batch.requests == [b] and list(s.waiting) == [a]
     return s, a, b, stolen, a_pages
@@ -327,7 +323,7 @@ def test_retraction_frees_the_partial_page_and_caches_the_full_ones():
     m = s.tree.match_prefix(a.all_ids)                   # A's full pages wait in the tree for its return
     assert (m.num_tokens, m.pages) == (4, a_pages[:2])
     check_pages(s, stolen)
-    s.kv.allocator.free(stolen)
+    s.allocator.free(stolen)
     run_to_end(s)
     assert a.output_ids == [7, 7] + reference(a.prompt_ids + [7, 7], 10)
 
@@ -384,7 +380,7 @@ def test_finished_requests_free_their_partial_page():
     s.add(r)
     step(s)
     assert not s.has_work()
-    assert s.tree.cached_pages == 1 and s.kv.allocator.num_free == 63
+    assert s.tree.cached_pages == 1 and s.allocator.num_free == 63
 
 
 # ------------------------------------------------------------------------------------- aborts
@@ -405,14 +401,14 @@ def test_abort_of_a_running_request_mid_prefill_releases_its_pages():
     step(s)                                              # 8 of 20 prompt tokens computed
     assert s.abort("r") is r
     assert s.running == [] and s.requests == {} and r.pages == []
-    assert s.tree.cached_pages == 2 and s.kv.allocator.num_free + 2 == 64
+    assert s.tree.cached_pages == 2 and s.allocator.num_free + 2 == 64
     assert s.tree.peek_prefix_len(list(range(1, 21))) == 8
 
 
 def test_abort_all_leaves_only_the_tree_holding_pages():
     s = make(page_size=4, chunk=12, max_running=3)
     prefix = list(range(100, 108))
-    s.tree.insert(prefix, s.kv.allocator.alloc(2))       # A and B lock it while they run
+    s.tree.insert(prefix, s.allocator.alloc(2))       # A and B lock it while they run
     reqs = [req("a", prefix + [1, 2]), req("b", prefix + [3, 4, 5]), req("c", range(30, 50)),
             req("d", [9, 9, 9])]
     for r in reqs:
@@ -424,7 +420,7 @@ def test_abort_all_leaves_only_the_tree_holding_pages():
     assert s.tree.evictable_pages < s.tree.cached_pages
     assert set(s.abort_all()) == set(reqs)
     assert not s.has_work() and s.requests == {}
-    assert s.kv.allocator.num_free + s.tree.cached_pages == s.kv.allocator.num_pages - 1
+    assert s.allocator.num_free + s.tree.cached_pages == s.allocator.num_pages - 1
     assert s.tree.evictable_pages == s.tree.cached_pages   # no prefix left locked
 
 
@@ -457,14 +453,14 @@ def test_random_workload_keeps_pages_consistent_and_outputs_exact(page_size, chu
         retractions += s.num_retractions
         assert s.tree.stats.matched_tokens > 0
         assert all(r.output_ids == reference(r.prompt_ids, r.params.max_new_tokens) for r in reqs)
-        assert s.kv.allocator.num_free + s.tree.cached_pages == s.kv.allocator.num_pages - 1
+        assert s.allocator.num_free + s.tree.cached_pages == s.allocator.num_pages - 1
         assert s.tree.evictable_pages == s.tree.cached_pages
     assert retractions > 0
 
 
 def test_cached_tokens_after_a_retraction_never_exceed_the_prompt():
     s, a, _, stolen, _ = _retract_a_with_a_partial_page()
-    s.kv.allocator.free(stolen)
+    s.allocator.free(stolen)
     run_to_end(s)
     assert a.retractions == 1
     # A's prompt had nothing cached; on its return it re-matched 4 tokens of its own (prompt + output).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from server_util import running_server, sse_events, wait_for
+from server_util import fail_forward, restore_forward, running_server, sse_events, wait_for
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -150,12 +150,7 @@ def test_queue_full_is_503_with_retry_after(url, server):
 
 def test_engine_failure_is_a_500_and_the_server_survives(url, server):
     engine = server[0]
-    original = engine.runner.forward
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated device failure")
-
-    engine.runner.forward = broken
+    engine.run_on_worker(fail_forward, "simulated device failure")
     try:
         err = error_of(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}), 500)
         assert "simulated device failure" in err["message"] and err["type"] == "server_error"
@@ -164,5 +159,5 @@ def test_engine_failure_is_a_500_and_the_server_survives(url, server):
             events = sse_events(r)
         assert "simulated device failure" in events[-1]["error"]["message"]
     finally:
-        engine.runner.forward = original
+        engine.run_on_worker(restore_forward)
     assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200

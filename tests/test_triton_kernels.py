@@ -665,7 +665,8 @@ def test_tiny_model_greedy_output_matches_the_reference():
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     with Engine(device="cpu", dtype="float32") as engine:
         ref = [o.token_ids for o in engine.generate(prompts, sampling_params=params)]
-    with serving_cpu(TritonOnCpu(), "triton-kernels-on-cpu"), Engine(device="cpu", dtype="float32") as engine:
+    with (serving_cpu(TritonOnCpu(), "triton-kernels-on-cpu"),
+          Engine(device="cpu", dtype="float32", model_worker="thread") as engine):   # the plugin is in this process
         out = [o.token_ids for o in engine.generate(prompts, sampling_params=params)]
     assert served == {"TritonMLAAttention", "TritonMoE"}
     assert out == ref and all(len(t) == 8 for t in out)

@@ -1,0 +1,106 @@
+"""The model worker: the model, its KV cache and the sampler's per-request state.
+
+It turns each StepInput into a StepOutput. `ProcessExecutor` runs it in a process of its own
+(`python -m dsserve.core.worker --fd N`, this module's `main`), so no thread of the caller's
+process competes with its compute threads; `ThreadExecutor` runs it on the engine thread.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import signal
+import socket
+import traceback
+from multiprocessing.connection import Connection
+
+import torch
+
+from .config import EngineArgs
+from .model_runner import ModelRunner
+from .sampling import SequenceSampling, sample_step
+from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall, WorkerMessage
+
+log = logging.getLogger("dsserve")
+
+
+class ModelWorker:
+    def __init__(self, args: EngineArgs):
+        self.runner = ModelRunner(args)
+        self.sequences: dict[str, SequenceSampling] = {}
+
+    def info(self) -> ModelInfo:
+        r = self.runner
+        return ModelInfo(
+            model_path=str(r.model_path), vocab_size=r.config.vocab_size,
+            eos_token_ids=tuple(r.config.eos_token_ids), max_context=r.max_context, page_size=r.kv.page_size,
+            num_pages=r.kv.num_pages, dtype=str(r.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(r.kv_cache_dtype).removeprefix("torch."), device=r.device.name,
+            device_description=r.device.describe(), torch_device=str(r.torch_device))
+
+    def execute(self, step: StepInput) -> StepOutput:
+        for rid in step.ended:
+            self.sequences.pop(rid, None)
+        for s in step.started:
+            generator = torch.Generator(self.runner.torch_device).manual_seed(s.seed)
+            self.sequences[s.rid] = SequenceSampling(s.params, generator, s.prompt_ids)
+        try:
+            return sample_step(step, self.runner.forward(step.items), self.sequences)
+        except Exception:  # one broken pass ends its requests, not the worker
+            error = traceback.format_exc()
+            log.error("forward pass failed: %s", error)
+            return StepOutput(error=error)
+
+    def call(self, message: WorkerCall):
+        return message.fn(self.runner, *message.args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The worker process: EngineArgs arrive first; then ("ready", ModelInfo) or ("failed", error)
+    goes back, and each message after that gets its answer until Shutdown or the engine's end of
+    the connection closes."""
+    parser = argparse.ArgumentParser(description="dsserve model worker (started by the engine)")
+    parser.add_argument("--fd", type=int, required=True, help="the socket shared with the engine")
+    fd = parser.parse_args(argv).fd
+    # Ctrl-C in a terminal reaches the whole process group: the engine decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(socket.socket(fileno=fd).detach())
+    args: EngineArgs = conn.recv()
+    logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
+    try:
+        worker = ModelWorker(args)
+    except BaseException as e:
+        conn.send(("failed", _picklable(e)))
+        return
+    conn.send(("ready", worker.info()))
+    serve(worker, conn)
+
+
+def serve(worker: ModelWorker, conn: Connection) -> None:
+    while True:
+        try:
+            message: WorkerMessage = conn.recv()
+        except (EOFError, OSError):  # the engine is gone
+            return
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, StepInput):
+            conn.send(worker.execute(message))
+            continue
+        try:
+            conn.send(("ok", worker.call(message)))
+        except Exception as e:
+            conn.send(("failed", _picklable(e)))
+
+
+def _picklable(e: BaseException) -> BaseException:
+    """`e` itself when it survives pickling (the caller re-raises it as it was), else its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
