@@ -211,6 +211,31 @@ BEST_INT8 = native.int8_isa()
 RUNNABLE_INT8 = [isa for isa in native.Int8Isa if BEST_INT8 is not None and isa <= BEST_INT8]
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("prefix,n,chunk", [(0, 37, 4096), (20, 37, 4096), (0, 37, 8), (20, 37, 8), (50, 5, 16),
+                                            (3, 30, 7)])
+def test_extend_attention_matches_causal_softmax_over_its_kv_chunks(dtype, bound, prefix, n, chunk):
+    """Whole context in one flash call, or chunks merged by log-sum-exp (queries that see nothing of
+    a chunk are left out of it), against float64 softmax attention with the cached prefix."""
+    from dsserve.plugins.cpu.attention import extend_attention
+
+    gen = torch.Generator().manual_seed(prefix * 100 + n)
+    heads, dim = 3, 16
+    q, k, v = (torch.randn(heads, m, dim, generator=gen).to(dtype) for m in (n, prefix + n, prefix + n))
+    calls = []
+
+    def kv(j0, j1):
+        calls.append((j0, j1))
+        return k[:, j0:j1], v[:, j0:j1]
+
+    out = extend_attention(q, kv, prefix, 0.25, chunk)
+    scores = q.double() @ k.double().transpose(1, 2) * 0.25
+    visible = torch.arange(prefix + n)[None, :] <= (torch.arange(n) + prefix)[:, None]
+    want = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v.double()
+    assert out.dtype == dtype and (out.double() - want).abs().max().item() < bound
+    assert max(j1 - j0 for j0, j1 in calls) <= chunk and calls[-1][1] == prefix + n
+
+
 def test_fp8_vbmi_is_read_from_the_cpu_flags():
     assert native.fp8_vbmi(frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512vbmi"}))
     assert not native.fp8_vbmi(frozenset({"avx2", "fma", "avx512f", "avx512vbmi"}))  # no bf16 dot products
