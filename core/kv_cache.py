@@ -45,6 +45,8 @@ class KVPool:
             raise ValueError(f"attention backends disagree on the page size: {sorted(page_sizes)}")
         self.page_size = page_sizes.pop()
         self.num_pages = num_pages
+        # create_cache zero-fills: every page is written, so the pool is resident (page-faulted) before
+        # the first request rather than faulted in by the first prefills.
         self.caches = [b.create_cache(num_pages, device) for b in backends]
 
     @property

@@ -79,9 +79,14 @@ def main(argv: list[str] | None = None) -> None:
 def serve(worker: ModelWorker, conn: Connection) -> None:
     while True:
         try:
-            message: WorkerMessage = conn.recv()
+            data = conn.recv_bytes()
         except (EOFError, OSError):  # the engine is gone
             return
+        try:
+            message: WorkerMessage = pickle.loads(data)
+        except Exception as e:  # a WorkerCall's function this process cannot import: the caller hears why
+            conn.send(("failed", RuntimeError(f"the model worker cannot unpickle the call: {e}")))
+            continue
         if isinstance(message, Shutdown):
             return
         if isinstance(message, StepInput):

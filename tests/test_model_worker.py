@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import httpx
 import pytest
@@ -59,11 +60,24 @@ def _raise(runner):
     raise KeyError("asked to fail")
 
 
+def _unimportable():
+    """A function pickled by reference to a module that exists only in this process."""
+    module = types.ModuleType("dsserve_test_only_in_this_process")
+    exec("def here(runner):\n    return 1\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    module.here.__module__ = module.__name__
+    return module.here
+
+
 def test_run_on_worker_returns_results_and_raises_errors():
     with Engine(dtype="float32", max_total_tokens=256) as engine:
         assert engine.run_on_worker(_layer_count, 100) == 103   # dsserve-tiny has 3 layers
         with pytest.raises(KeyError, match="asked to fail"):
             engine.run_on_worker(_raise)
+        with pytest.raises(RuntimeError, match="cannot unpickle"):   # the worker cannot import it: it lives on
+            engine.run_on_worker(_unimportable())
+        with pytest.raises(AttributeError, match="pickle"):         # nor pickle a local function at all
+            engine.run_on_worker(lambda runner: 1)
         assert engine.generate(input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=2))[0].token_ids
 
 
