@@ -24,12 +24,15 @@ class Device(ABC):
     torch_type:    the torch device type tensors live on (`rocm` runs on torch's "cuda" type).
     dist_backend:  the torch.distributed backend for its process groups.
     priority:      higher wins when the user names no device and several are available.
+    memory_per_node: `memory_info` reports memory every rank on the node shares (the host's RAM),
+                   not one device's: each of a node's ranks sizes its KV pool from its share.
     """
 
     name: str
     torch_type: str
     dist_backend: str
     priority: int = 0
+    memory_per_node: bool = False
 
     @abstractmethod
     def is_available(self) -> tuple[bool, str]:
@@ -43,8 +46,9 @@ class Device(ABC):
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of the memory the KV cache and weights are placed in."""
 
-    def setup(self, local_rank: int = 0) -> None:
-        """Prepare the process for this device (threads, current device); called once at start."""
+    def setup(self, local_rank: int = 0, ranks_on_node: int = 1) -> None:
+        """Prepare the process of rank `local_rank` (of `ranks_on_node` on this node) for this device
+        (its current device; on a CPU, its cores and threads); called once at start."""
 
     def describe(self) -> str:
         """A short human description for the startup log (model name, dtype choice)."""

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from .config import EngineArgs
-from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall
+from .distributed import DEFAULT_TIMEOUT_S, RankInfo, free_local_address
+from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall, WorkerStart
 
 log = logging.getLogger("dsserve")
 
@@ -51,67 +53,107 @@ class ThreadExecutor:
 
 
 class ProcessExecutor:
-    """The worker in a child process (`python -m dsserve.core.worker`) that inherits this one's
-    environment and import path; its load errors are re-raised here as they were raised there."""
+    """The worker in child processes (`python -m dsserve.core.worker`), one per tensor-parallel rank,
+    that inherit this one's environment and import path. Every rank gets every step and call; rank 0's
+    answer is the model's (the ranks' sampled tokens are the same). A load error is re-raised here as
+    the first rank to fail raised it; a rank that dies stops them all, and the error names it."""
 
     def __init__(self, args: EngineArgs):
-        ours, theirs = socket.socketpair()
+        world = args.tp_size
+        init = free_local_address() if world > 1 else None
+        timeout = args.dist_timeout or DEFAULT_TIMEOUT_S
+        self.processes: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dsserve.core.worker", "--fd", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env=env)
-        theirs.close()  # the child's end: once the child exits, reads here see EOF
-        self.conn = Connection(ours.detach())
         try:
-            self.conn.send(args)
-            status, payload = self._receive()
+            for rank in range(world):
+                ours, theirs = socket.socketpair()
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "dsserve.core.worker", "--fd", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], env=env))
+                theirs.close()  # the child's end: once the child exits, reads here see EOF
+                self.conns.append(Connection(ours.detach()))
+                self.conns[-1].send(WorkerStart(args, RankInfo(rank, world, rank, world, init, timeout)))
+            replies = self._gather()
         except BaseException:
             self._stop(graceful=False)
             raise
-        if status == "failed":
+        failed = next((payload for status, payload in replies if status == "failed"), None)
+        if failed is not None:
             self._stop(graceful=False)
-            raise payload
-        self.info: ModelInfo = payload
-        log.info("model worker: process %d", self.process.pid)
+            raise failed
+        self.info: ModelInfo = replies[0][1]
+        self.process = self.processes[0]
+        log.info("model worker%s: process%s %s", "s" if world > 1 else "", "es" if world > 1 else "",
+                 ", ".join(str(p.pid) for p in self.processes))
 
     def execute(self, step: StepInput) -> StepOutput:
-        self.conn.send(step)
-        return self._receive()
+        outputs = self._broadcast(step)
+        return next((out for out in outputs if out.error is not None), outputs[0])
 
     def call(self, fn: Callable[..., Any], *args) -> Any:
-        self.conn.send(WorkerCall(fn, args))
-        status, payload = self._receive()
-        if status == "failed":
-            raise payload
-        return payload
+        replies = self._broadcast(WorkerCall(fn, args))
+        failed = next((payload for status, payload in replies if status == "failed"), None)
+        if failed is not None:
+            raise failed
+        return replies[0][1]
 
     def shutdown(self) -> None:
         self._stop(graceful=True)
 
-    def _receive(self):
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            code = self.process.wait()
-            raise WorkerDied(f"the model worker (process {self.process.pid}) exited with status {code}") from None
+    def _broadcast(self, message) -> list:
+        data = pickle.dumps(message)   # once, whatever the number of ranks
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                raise self._died(rank) from None
+        return self._gather()
+
+    def _gather(self) -> list:
+        """Every rank's reply, in rank order; WorkerDied as soon as any rank's process ends (a rank
+        waiting in a collective for a dead peer would wait for the group's whole timeout)."""
+        replies: list = [None] * len(self.conns)
+        pending = {conn: rank for rank, conn in enumerate(self.conns)}
+        while pending:
+            for conn in wait(list(pending)):
+                rank = pending.pop(conn)
+                try:
+                    replies[rank] = conn.recv()
+                except (EOFError, OSError):
+                    raise self._died(rank) from None
+        return replies
+
+    def _died(self, rank: int) -> WorkerDied:
+        code = self.processes[rank].wait()
+        who = f"rank {rank} of {len(self.processes)} " if len(self.processes) > 1 else ""
+        error = WorkerDied(f"the model worker {who}(process {self.processes[rank].pid}) exited with status {code}")
+        self._stop(graceful=False)
+        return error
 
     def _stop(self, graceful: bool) -> None:
-        if graceful and self.process.poll() is None:
-            try:
-                self.conn.send(Shutdown())
-            except OSError:
-                pass
-        self.conn.close()
+        for process, conn in zip(self.processes, self.conns):
+            if graceful and process.poll() is None:
+                try:
+                    conn.send(Shutdown())
+                except OSError:
+                    pass
+            conn.close()
         deadline = time.monotonic() + (_SHUTDOWN_GRACE_S if graceful else 0)
-        while self.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        for process in self.processes:
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 Executor = ThreadExecutor | ProcessExecutor
 
 
 def start_executor(args: EngineArgs) -> Executor:
-    return ProcessExecutor(args) if args.model_worker == "process" else ThreadExecutor(args)
+    if args.model_worker == "process":
+        return ProcessExecutor(args)
+    if args.tp_size > 1:
+        raise ValueError(f"--tp-size {args.tp_size} needs a worker process per rank: drop --model-worker thread")
+    return ThreadExecutor(args)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+
 import torch
+import torch.distributed as dist
 
 from .batch import BatchItem
 from .config import EngineArgs
+from .distributed import RankInfo
 from .forward_batch import AttentionMetadata, ForwardBatch
 from .kv_cache import KVPool
 from .plugins import PluginRegistry, default_registry
@@ -19,27 +22,31 @@ _KV_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp8_e4m3": to
 
 
 class ModelRunner:
-    """Owns the model and its KV pool; knows nothing about requests or scheduling."""
+    """Owns the model (this rank's shard of it) and its KV pool; knows nothing about requests or
+    scheduling."""
 
-    def __init__(self, args: EngineArgs, registry: PluginRegistry | None = None):
+    def __init__(self, args: EngineArgs, registry: PluginRegistry | None = None, ranks: RankInfo = RankInfo()):
         from dsserve.models.layers import LayerContext
         from dsserve.models.loader import build_model, quant_config, read_config, resolve_model_path
 
         registry = registry or default_registry()
+        self.ranks = ranks
         self.device = registry.select_device(args.device)
-        self.device.setup()
+        self.device.setup(ranks.local_rank, ranks.ranks_on_node)
+        ranks.join(self.device.dist_backend)
         self.dtype = self.device.default_dtype() if args.dtype == "auto" else _DTYPES[args.dtype]
         self.kv_cache_dtype = _kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.model_path = resolve_model_path(args.model_path)
         self.config = cfg = read_config(self.model_path)
-        self.torch_device = self.device.torch_device()
+        self.torch_device = self.device.torch_device(ranks.local_rank)
         ctx = LayerContext(
             device=self.device, registry=registry, dtype=self.dtype, torch_device=self.torch_device,
-            comm=registry.communicator(self.device, None, 0, 1),
+            comm=registry.communicator(self.device, None, ranks.rank, ranks.world_size),
             quant=quant_config(self.model_path, cfg, args.quantization), page_size=args.page_size,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        log.info("device: %s; dtype %s", self.device.describe(), str(self.dtype).removeprefix("torch."))
+        log.info("device: %s; dtype %s%s", self.device.describe(), str(self.dtype).removeprefix("torch."),
+                 f"; tensor-parallel rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "")
         self.model = build_model(self.model_path, cfg, ctx)
         self.context_len = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.backends = [layer.self_attn.backend for layer in self.model.layers]
@@ -60,10 +67,17 @@ class ModelRunner:
             tokens = args.max_total_tokens
         else:
             free, _ = self.device.memory_info()
+            if self.device.memory_per_node:  # the host's RAM: every rank on the node takes its share
+                free //= self.ranks.ranks_on_node
             tokens = int(free * args.mem_fraction_static) // KVPool.bytes_per_token(self.backends)
             # More than every running request at full context can never be used.
             tokens = min(tokens, self.context_len * args.max_running_requests)
-        return max(2, (tokens + page - 1) // page + 1)  # +1: page 0 is reserved
+        pages = max(2, (tokens + page - 1) // page + 1)  # +1: page 0 is reserved
+        if self.ranks.world_size > 1:  # one page table serves every rank: the smallest pool wins
+            agreed = torch.tensor([pages], dtype=torch.int64)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            pages = int(agreed)
+        return pages
 
     @torch.inference_mode()
     def forward(self, items: list[BatchItem]) -> torch.Tensor:

@@ -17,16 +17,20 @@ from multiprocessing.connection import Connection
 import torch
 
 from .config import EngineArgs
+from .distributed import RankInfo
 from .model_runner import ModelRunner
 from .sampling import SequenceSampling, sample_step
-from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall, WorkerMessage
+from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall, WorkerMessage, WorkerStart
 
 log = logging.getLogger("dsserve")
 
 
 class ModelWorker:
-    def __init__(self, args: EngineArgs):
-        self.runner = ModelRunner(args)
+    """One rank's worker. Every rank samples: the logits are the same on all of them (the LM head's
+    shards are gathered) and so are the generators, so every rank keeps the same token history."""
+
+    def __init__(self, args: EngineArgs, ranks: RankInfo = RankInfo()):
+        self.runner = ModelRunner(args, ranks=ranks)
         self.sequences: dict[str, SequenceSampling] = {}
 
     def info(self) -> ModelInfo:
@@ -56,7 +60,7 @@ class ModelWorker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The worker process: EngineArgs arrive first; then ("ready", ModelInfo) or ("failed", error)
+    """The worker process: WorkerStart arrives first; then ("ready", ModelInfo) or ("failed", error)
     goes back, and each message after that gets its answer until Shutdown or the engine's end of
     the connection closes."""
     parser = argparse.ArgumentParser(description="dsserve model worker (started by the engine)")
@@ -65,15 +69,22 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the engine decides when this ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(socket.socket(fileno=fd).detach())
-    args: EngineArgs = conn.recv()
-    logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
+    start: WorkerStart = conn.recv()
+    args, ranks = start.args, start.ranks
+    # Rank 0 speaks for the model; the others say only what goes wrong.
+    level = args.log_level.upper() if ranks.rank == 0 else max(logging.WARNING, logging.getLevelName(args.log_level.upper()))
+    prefix = "[dsserve]" if ranks.world_size == 1 else f"[dsserve rank {ranks.rank}]"
+    logging.basicConfig(level=level, format=f"{prefix} %(message)s")
     try:
-        worker = ModelWorker(args)
+        worker = ModelWorker(args, ranks)
     except BaseException as e:
         conn.send(("failed", _picklable(e)))
         return
     conn.send(("ready", worker.info()))
-    serve(worker, conn)
+    try:
+        serve(worker, conn)
+    finally:
+        ranks.leave()
 
 
 def serve(worker: ModelWorker, conn: Connection) -> None:

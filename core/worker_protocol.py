@@ -15,6 +15,14 @@ from .sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class WorkerStart:
+    """The first message a worker process receives: the engine's options and its rank."""
+
+    args: Any                 # EngineArgs
+    ranks: Any                # RankInfo
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the engine needs to know about the model the worker loaded."""
 

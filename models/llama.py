@@ -25,12 +25,21 @@ class GQAttention(CheckpointModule):
         super().__init__()
         self.rope = rope
         self.heads = ctx.shard(cfg.num_attention_heads, "num_attention_heads")
-        # With more ranks than KV heads each rank keeps a replica of one KV head.
-        self.kv_heads = max(1, cfg.num_key_value_heads // ctx.tp_size)
         self.head_dim = d = cfg.head_dim
-        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        H, Hkv, tp = cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp_size
+        replicas = None
+        if Hkv >= tp:
+            self.kv_heads = ctx.shard(Hkv, "num_key_value_heads")
+        elif tp % Hkv:
+            raise ValueError(f"num_key_value_heads ({Hkv}) must divide or be a multiple of the tensor-parallel "
+                             f"size ({tp}): with fewer KV heads than ranks each KV head is replicated on "
+                             f"{tp} / {Hkv} ranks")
+        else:  # fewer KV heads than ranks: each rank keeps the one its query heads read
+            self.kv_heads = 1
+            replicas = (ctx.tp_rank * Hkv // tp, Hkv)
         self.qkv_proj = Linear(cfg.hidden_size, (H + 2 * Hkv) * d, ctx, bias=cfg.qkv_bias, parallel="column",
-                               parts={"q_proj": H * d, "k_proj": Hkv * d, "v_proj": Hkv * d})
+                               parts={"q_proj": H * d, "k_proj": Hkv * d, "v_proj": Hkv * d},
+                               part_shards={"k_proj": replicas, "v_proj": replicas} if replicas else None)
         self.o_proj = Linear(H * d, cfg.hidden_size, ctx, bias=cfg.attention_bias and not cfg.qkv_bias,
                              parallel="row")
         self.backend = ctx.attention_backend(AttentionSpec(

@@ -207,19 +207,20 @@ def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -
     dest = target.destination()
     shape = list(tensor_slice.get_shape())
     expected = list(dest.shape)
+    which, count = target.shard or (ctx.tp_rank, ctx.tp_size)
     if target.shard_dim is not None:
-        expected[target.shard_dim] *= ctx.tp_size
+        expected[target.shard_dim] *= count
     if shape != expected:
         raise CheckpointError(
             f"{path}: tensor '{name}' has shape {tuple(shape)}, expected {tuple(expected)}"
         )
     _check_dtype(dest.dtype, tensor_slice.get_dtype(), name, path)
-    if target.shard_dim is None or ctx.tp_size == 1:
+    if target.shard_dim is None or count == 1:
         tensor = tensor_slice[:]
-    else:
+    else:  # a memory-mapped slice: only this rank's rows or columns are read
         size = dest.shape[target.shard_dim]
         index = [slice(None)] * len(shape)
-        index[target.shard_dim] = slice(ctx.tp_rank * size, (ctx.tp_rank + 1) * size)
+        index[target.shard_dim] = slice(which * size, (which + 1) * size)
         tensor = tensor_slice[tuple(index)]
     dest.copy_(tensor)
 

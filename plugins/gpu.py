@@ -59,7 +59,7 @@ class TorchGpuDevice(Device):
         free, total = torch.cuda.mem_get_info(torch.cuda.current_device())
         return int(free), int(total)
 
-    def setup(self, local_rank: int = 0) -> None:
+    def setup(self, local_rank: int = 0, ranks_on_node: int = 1) -> None:
         torch.cuda.set_device(local_rank)
 
 

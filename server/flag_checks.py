@@ -38,8 +38,6 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         lines.append(f"{shown} is accepted but has no effect: {why}")
 
     one_device = "multi-device serving is not built yet; the model runs on one device"
-    if args.tp_size > 1:
-        warn("tp_size", "tensor parallelism is not built yet; the model runs on one device", args.tp_size)
     if args.dp_size > 1:
         warn("dp_size", "data parallelism is not built yet; one engine serves every request", args.dp_size)
     if args.ep_size > 1:
@@ -52,7 +50,7 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         warn("node_rank", "multi-node serving is not built yet; this node serves on its own", args.node_rank)
     if args.dist_init_addr:
         warn("dist_init_addr", "no distributed rendezvous happens on one device", args.dist_init_addr)
-    if args.dist_timeout is not None:
+    if args.dist_timeout is not None and args.tp_size == 1:
         warn("dist_timeout", "no distributed operation runs on one device", args.dist_timeout)
     if args.load_format not in ("auto", "safetensors"):
         warn("load_format", "weights are read from the checkpoint's safetensors files", args.load_format)

@@ -9,11 +9,15 @@ from torch import nn
 
 @dataclass
 class LoadTarget:
-    """Where one checkpoint tensor goes: `param[index]`, after taking this rank's slice of `shard_dim`."""
+    """Where one checkpoint tensor goes: `param[index]`, after taking this rank's slice of `shard_dim`.
+
+    `shard` = (i, n) takes slice i of n instead of this rank's of tp_size (KV heads replicated on
+    groups of ranks when there are fewer of them than ranks)."""
 
     param: torch.Tensor
     index: tuple = ()
     shard_dim: int | None = None
+    shard: tuple[int, int] | None = None
 
     def destination(self) -> torch.Tensor:
         return self.param[self.index] if self.index else self.param

@@ -33,14 +33,22 @@ class Linear(CheckpointModule):
         parallel: str = "none",
         parts: dict[str, int] | None = None,
         quant: str | None = None,
+        part_shards: dict[str, tuple[int, int]] | None = None,
     ):
+        """`part_shards[part]` = (i, n): a column-parallel part this rank takes slice i of n of (not
+        its own of tp_size): KV heads replicated when there are fewer of them than ranks."""
         super().__init__()
         self.ctx, self.parallel = ctx, parallel
-        if parallel == "column":
+        self.part_shards = part_shards or {}
+        if parallel == "column" and parts:
+            parts = {k: (v // self.part_shards[k][1] if k in self.part_shards else ctx.shard(v, k))
+                     for k, v in parts.items()}
+            out_features = sum(parts.values())
+        elif parallel == "column":
             out_features = ctx.shard(out_features, "output features")
         elif parallel == "row":
             in_features = ctx.shard(in_features, "input features")
-        self.parts = {k: (v // ctx.tp_size if parallel == "column" else v) for k, v in (parts or {}).items()}
+        self.parts = dict(parts or {})
         fmt = ctx.quant.format if quant is None else quant
         spec = LinearSpec(in_features, out_features, bias, ctx.dtype, fmt,
                           ctx.quant.block if fmt != "none" else None)
@@ -108,7 +116,7 @@ class Linear(CheckpointModule):
             for part, size in self.parts.items():
                 # in units of this tensor's elements: whole blocks, the last part's may be partial
                 index = (slice(None),) * out_dim + (slice(start // rows, -(-(start + size) // rows)),)
-                targets[f"{part}.{pname}"] = LoadTarget(p, index, dim)
+                targets[f"{part}.{pname}"] = LoadTarget(p, index, dim, self.part_shards.get(part))
                 start += size
         return targets
 

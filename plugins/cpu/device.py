@@ -71,6 +71,16 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def rank_cores(local_rank: int, ranks_on_node: int) -> list[int]:
+    """The cores of rank `local_rank` of `ranks_on_node`: an even, contiguous share of this process's
+    affinity mask (ranks share a core only when there are more ranks than cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // ranks_on_node
+    if per == 0:
+        return [cores[local_rank % len(cores)]]
+    return cores[local_rank * per:(local_rank + 1) * per]
+
+
 def _read_int(path: str) -> int | None:
     try:
         with open(path, encoding="ascii") as f:
@@ -169,6 +179,7 @@ class CpuDevice(Device):
     torch_type = "cpu"
     dist_backend = "gloo"
     priority = 0
+    memory_per_node = True
 
     def is_available(self) -> tuple[bool, str]:
         return True, ""
@@ -202,7 +213,17 @@ class CpuDevice(Device):
             available = min(available, max(0, limit - used))
         return available, total
 
-    def setup(self, local_rank: int = 0) -> None:
+    def setup(self, local_rank: int = 0, ranks_on_node: int = 1) -> None:
+        if ranks_on_node > 1:
+            # Ranks on one host get disjoint cores: two ranks' OpenMP teams on the same cores would
+            # take turns at every parallel region.
+            cores = rank_cores(local_rank, ranks_on_node)
+            os.sched_setaffinity(0, cores)
+            threads = min(len(cores), int(os.environ.get("OMP_NUM_THREADS") or len(cores)))
+            torch.set_num_threads(threads)
+            log.info("cpu: rank %d of %d on this host: cores %s, %d torch threads", local_rank, ranks_on_node,
+                     ",".join(map(str, cores)), threads)
+            return
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if env:
             log.info("cpu: %d torch threads (OMP_NUM_THREADS=%s)", torch.get_num_threads(), env)

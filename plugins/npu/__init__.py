@@ -86,7 +86,7 @@ class NpuDevice(Device):
         free, total = torch.npu.mem_get_info(torch.npu.current_device())
         return int(free), int(total)
 
-    def setup(self, local_rank: int = 0) -> None:
+    def setup(self, local_rank: int = 0, ranks_on_node: int = 1) -> None:
         torch.npu.set_device(local_rank)
 
     def describe(self) -> str:
