@@ -71,3 +71,28 @@ def decode_step_profile(runner, batch: int, steps: int = 40) -> dict:
         "kernel_split": {k: v / steps for k, v in sorted(in_kernels.items(), key=lambda kv: -kv[1])},
         "torch_op_count": len(top) // 5,
     }
+
+
+def time_collectives(runner) -> None:
+    """Time every all_reduce / all_gather of this rank from now on (read with `collective_seconds`)."""
+    comm = runner.model.ctx.comm
+    comm.seconds = {}
+    for name in ("all_reduce", "all_gather"):
+        fn = getattr(type(comm), name)
+
+        def timed(*args, _fn=fn, _name=name, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _fn(comm, *args, **kwargs)
+            finally:
+                comm.seconds[_name] = comm.seconds.get(_name, 0.0) + time.perf_counter() - t
+        setattr(comm, name, timed)
+
+
+def collective_seconds(runner, reset: bool = True) -> dict[str, float]:
+    """Seconds this rank spent in each collective since `time_collectives` (or the last reset)."""
+    comm = runner.model.ctx.comm
+    seconds = dict(comm.seconds)
+    if reset:
+        comm.seconds.clear()
+    return seconds

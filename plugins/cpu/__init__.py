@@ -122,7 +122,12 @@ def _quantized_linear(spec: LinearSpec) -> LinearMethod | None:
 
 @hookimpl
 def dsserve_communicator(device: Device, group: object, rank: int, world_size: int) -> Communicator | None:
-    """torch.distributed collectives over gloo groups."""
+    """Ranks on one host: all-reduce and all-gather through shared memory (gloo for what does not
+    fit its slots); across hosts, torch.distributed over gloo."""
     from dsserve.core.reference import torch_communicator
 
+    from .shm_communicator import SharedMemoryCommunicator, on_one_host
+
+    if world_size > 1 and on_one_host(group):
+        return SharedMemoryCommunicator(rank, world_size, group)
     return torch_communicator(group, rank, world_size)
