@@ -85,7 +85,7 @@ class Engine:
 
         def run() -> None:
             try:
-                loaded.append(start_executor(args))
+                loaded.append(start_executor(args, on_death=self._worker_died))
             except BaseException as e:  # handed to the caller of Engine()
                 loaded.append(e)
                 return
@@ -159,6 +159,11 @@ class Engine:
         if isinstance(call.result[0], BaseException):
             raise call.result[0]
         return call.result[0]
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving on its own (its model worker, or one of its ranks, died)."""
+        return self._failure
 
     @property
     def alive(self) -> bool:
@@ -238,10 +243,8 @@ class Engine:
         try:
             while self._wait_for_work():
                 self._step()
-        except WorkerDied as e:  # nothing can run any more: end everything, refuse what comes
-            log.error("%s; the engine stops", e)
-            with self._wakeup:
-                self._failure = str(e)
+        except WorkerDied as e:  # found in a step: nothing can run any more
+            self._worker_died(str(e))
         for message in self._take_inbox():  # what was sent before the end is answered too
             self._apply(message)
         for req in self.scheduler.abort_all():
@@ -294,11 +297,20 @@ class Engine:
         return StepInput(batch.items, [r.rid for r in batch.requests], batch.completes, forced, started, ended)
 
     def _wait_for_work(self) -> bool:
-        """Sleep while there is nothing to do; False once shutting down."""
+        """Sleep while there is nothing to do; False once shutting down or failed."""
         with self._wakeup:
-            while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+            while not self._inbox and not self.scheduler.has_work() and self.alive:
                 self._wakeup.wait()
-            return not self._stopping
+            return self.alive
+
+    def _worker_died(self, why: str) -> None:
+        """A worker process ended (seen in a step, or by the executor's watch while idle): end
+        everything, refuse what comes."""
+        with self._wakeup:
+            if self._failure is None:
+                log.error("%s; the engine stops", why)
+                self._failure = why
+            self._wakeup.notify()
 
     def _take_inbox(self) -> list[InboxMessage]:
         with self._wakeup:

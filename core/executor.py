@@ -14,6 +14,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
@@ -58,8 +59,9 @@ class ProcessExecutor:
     answer is the model's (the ranks' sampled tokens are the same). A load error is re-raised here as
     the first rank to fail raised it; a rank that dies stops them all, and the error names it."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, on_death: Callable[[str], None] | None = None):
         world = args.tp_size
+        self._stopping = False
         init = free_local_address() if world > 1 else None
         timeout = args.dist_timeout or DEFAULT_TIMEOUT_S
         self.processes: list[subprocess.Popen] = []
@@ -84,6 +86,10 @@ class ProcessExecutor:
             raise failed
         self.info: ModelInfo = replies[0][1]
         self.process = self.processes[0]
+        if on_death is not None:  # an idle engine reads no socket: a thread per rank waits for its end
+            for rank in range(world):
+                threading.Thread(target=self._watch, args=(rank, on_death), name=f"dsserve-watch-{rank}",
+                                 daemon=True).start()
         log.info("model worker%s: process%s %s", "s" if world > 1 else "", "es" if world > 1 else "",
                  ", ".join(str(p.pid) for p in self.processes))
 
@@ -124,14 +130,23 @@ class ProcessExecutor:
                     raise self._died(rank) from None
         return replies
 
+    def _watch(self, rank: int, on_death: Callable[[str], None]) -> None:
+        self.processes[rank].wait()
+        if not self._stopping:
+            on_death(self._exit_line(rank))
+
     def _died(self, rank: int) -> WorkerDied:
-        code = self.processes[rank].wait()
-        who = f"rank {rank} of {len(self.processes)} " if len(self.processes) > 1 else ""
-        error = WorkerDied(f"the model worker {who}(process {self.processes[rank].pid}) exited with status {code}")
+        error = WorkerDied(self._exit_line(rank))
         self._stop(graceful=False)
         return error
 
+    def _exit_line(self, rank: int) -> str:
+        code = self.processes[rank].wait()
+        who = f"rank {rank} of {len(self.processes)} " if len(self.processes) > 1 else ""
+        return f"the model worker {who}(process {self.processes[rank].pid}) exited with status {code}"
+
     def _stop(self, graceful: bool) -> None:
+        self._stopping = True
         for process, conn in zip(self.processes, self.conns):
             if graceful and process.poll() is None:
                 try:
@@ -151,9 +166,11 @@ class ProcessExecutor:
 Executor = ThreadExecutor | ProcessExecutor
 
 
-def start_executor(args: EngineArgs) -> Executor:
+def start_executor(args: EngineArgs, on_death: Callable[[str], None] | None = None) -> Executor:
+    """The executor `args` ask for; `on_death(why)` is called (from another thread) if a worker
+    process ends on its own."""
     if args.model_worker == "process":
-        return ProcessExecutor(args)
+        return ProcessExecutor(args, on_death)
     if args.tp_size > 1:
         raise ValueError(f"--tp-size {args.tp_size} needs a worker process per rank: drop --model-worker thread")
     return ThreadExecutor(args)

@@ -5,7 +5,9 @@ gets one warning line; the port is bound (so a busy port fails before a long mod
 client is accepted before the model is ready); the engine loads; uvicorn starts listening and one
 line `dsserve ready: http://HOST:PORT (model NAME)` goes to stdout. On SIGTERM or SIGINT the
 listening socket closes, running requests get up to --graceful-shutdown-timeout seconds to finish,
-then the rest are aborted and the process exits 0. A second SIGINT exits at once.
+then the rest are aborted and the process exits 0. A second SIGINT exits at once. If the model's
+worker (or one of its tensor-parallel ranks) dies, the server says which in one line, stops the
+same way and exits 1.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .args import ServerArgs
 log = logging.getLogger("dsserve")
 
 _HARD_STOP_MARGIN_S = 5.0
+_WATCH_INTERVAL_S = 0.2
 
 
 def register(sub) -> None:
@@ -98,7 +101,8 @@ def _uvicorn_server(app, args: ServerArgs, signals: bool):
 
 
 async def _serve_until_stopped(server, sock: socket.socket, ready_line: str | None,
-                               started: threading.Event | None = None) -> None:
+                               started: threading.Event | None = None, engine=None) -> str | None:
+    """Serve until stopped; with `engine`, also stop once it fails, and return why."""
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
@@ -107,7 +111,13 @@ async def _serve_until_stopped(server, sock: socket.socket, ready_line: str | No
             print(ready_line, flush=True)
         if started is not None:
             started.set()
+    while engine is not None and not task.done():
+        if engine.failure and not server.should_exit:
+            log.error("dsserve: %s; stopping", engine.failure)
+            server.should_exit = True
+        await asyncio.sleep(_WATCH_INTERVAL_S)
     await task
+    return engine.failure if engine is not None else None
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -129,12 +139,12 @@ def run(ns: argparse.Namespace) -> int:
     try:
         server = _uvicorn_server(create_app(engine, args), args, signals=True)
         ready = f"dsserve ready: {url_of(args.host, sock)} (model {served_model_name(args)})"
-        asyncio.run(_serve_until_stopped(server, sock, ready))
+        failure = asyncio.run(_serve_until_stopped(server, sock, ready, engine=engine))
     finally:
         engine.shutdown()
         sock.close()
     log.info("dsserve stopped")
-    return 0
+    return 1 if failure else 0
 
 
 class ServerThread:

@@ -94,11 +94,13 @@ def test_cpu_passes(capsys):
     reference_linear = [r for r in _rows(table, "linear") if ".core.reference." in r[1]]
     assert counts["linear"][:2] == (sum(int(r[2]) for r in own_linear), sum(int(r[-2]) for r in reference_linear))
     assert counts["end-to-end"][0] > 0
-    # cpu's own MLA decode and fused MoE (C++, where they build); MHA and collectives are the reference's
+    # cpu's own MLA decode and fused MoE (C++, where they build); the two-rank case runs its shared-memory
+    # communicator, the single-rank ones the reference's identity
     kernels = native.kernels() is not None
     for family in ("attention", "paged-kv", "moe"):
         assert (counts[family][0] > 0) == kernels, (family, counts[family])
-    assert counts["communicator"][0] == 0 and counts["communicator"][1] > 0, counts["communicator"]
+    assert counts["communicator"][:2] == (1, 3), counts["communicator"]
+    assert _rows(table, "communicator")[-1][1] == "dsserve.plugins.cpu.shm_communicator.SharedMemoryCommunicator"
     own = sum(c[0] for c in counts.values())
     assert re.search(rf"conformance PASSED for device 'cpu': \d+ cases run \({own} on the device's own "
                      r"implementations\)", out), out

@@ -4,6 +4,7 @@ shutdown on SIGTERM / SIGINT with exit status 0."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -152,3 +153,26 @@ def test_sigint_aborts_after_the_graceful_timeout(tmp_path):
         if served.proc.poll() is None:
             served.proc.kill()
     assert "is accepted but has no effect" not in served.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of every thread of `pid` (the engine thread starts the workers)."""
+    return sorted(int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                  for child in (task / "children").read_text().split())
+
+
+def test_a_killed_rank_stops_the_server_naming_it(tmp_path):
+    """--tp 2: SIGKILL one rank; the server exits 1 within a bounded time, its log names the rank and
+    the status, and no worker process is left."""
+    served = Served(tmp_path, "--tp", "2")
+    try:
+        ranks = _children(served.proc.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        assert served.wait(timeout=60) == 1
+    finally:
+        if served.proc.poll() is None:
+            served.proc.kill()
+    assert "the model worker rank 1 of 2" in served.stderr and "exited with status -9" in served.stderr
+    for pid in ranks:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
