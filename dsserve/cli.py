@@ -1,5 +1,5 @@
 """`dsserve` (serve), `dsserve generate`, `dsserve bench`, `dsserve conformance`, `dsserve plugins`,
-`dsserve quantize`, `dsserve convert`.
+`dsserve plan`, `dsserve quantize`, `dsserve convert`.
 
 Each subcommand has a function that adds its parser to the subparsers and sets `func`
 (namespace -> exit code); this file dispatches, and holds the two small ones. With no subcommand,
@@ -19,6 +19,7 @@ SUBCOMMANDS = {  # name -> "module:function" adding its parser
     "bench": "dsserve.bench:register",
     "conformance": "dsserve.conformance.cli:register",
     "plugins": "dsserve.cli:register_plugins",
+    "plan": "dsserve.models.plan:register",
     "quantize": "dsserve.models.quantize:register_quantize",
     "convert": "dsserve.models.quantize:register_convert",
 }

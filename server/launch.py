@@ -131,6 +131,13 @@ def run(ns: argparse.Namespace) -> int:
     device = default_registry().select_device(args.device)
     for line in inactive_flag_warnings(args, device.name):
         log.warning("warning: %s", line)
+    from dsserve.models.plan import make_plan
+
+    plan = make_plan(args)   # from config.json alone: a model that cannot fit is refused before loading
+    for line in plan.lines():
+        log.info("%s", line)
+    if not plan.fits:
+        raise ValueError(f"{plan.model} does not fit: {_plan_shortfall(plan)}")
     sock = bind_socket(args.host, args.port)
     from dsserve.core.engine import Engine
     from .app import create_app
@@ -145,6 +152,11 @@ def run(ns: argparse.Namespace) -> int:
         sock.close()
     log.info("dsserve stopped")
     return 1 if failure else 0
+
+
+def _plan_shortfall(plan) -> str:
+    return (f"its weights take {plan.weights_per_rank / 2**30:.2f} GiB per rank and {plan.device} has "
+            f"{plan.free_per_rank / 2**30:.2f} GiB free per rank (raise --tp, or quantize)")
 
 
 class ServerThread:
