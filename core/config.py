@@ -135,6 +135,9 @@ class EngineArgs:
             if value is not None and value < 1:
                 raise flag_error(name, f"must be >= 1, got {value}")
         self._check_compat_flags()
+        if self.ep_size not in (1, self.tp_size):
+            raise flag_error("ep_size", f"must be 1 or --tp-size ({self.tp_size}): experts are split over the "
+                                        f"tensor-parallel ranks, got {self.ep_size}")
 
     def _check_compat_flags(self) -> None:
         """The values of the SGLang-compatibility flags (parallelism, kernels, speculative, disaggregation)."""

@@ -43,7 +43,7 @@ class ModelRunner:
             device=self.device, registry=registry, dtype=self.dtype, torch_device=self.torch_device,
             comm=registry.communicator(self.device, None, ranks.rank, ranks.world_size),
             quant=quant_config(self.model_path, cfg, args.quantization), page_size=args.page_size,
-            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype, expert_parallel=args.ep_size > 1,
         )
         log.info("device: %s; dtype %s%s", self.device.describe(), str(self.dtype).removeprefix("torch."),
                  f"; tensor-parallel rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "")

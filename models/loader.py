@@ -18,6 +18,7 @@ from dsserve.models.config import ConfigError, ModelConfig
 
 from .deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .layers import DecoderOnlyLM, LayerContext, RoutedExperts
+from .layers.checkpoint import ANOTHER_RANK
 from .llama import LlamaForCausalLM, Qwen2ForCausalLM
 
 log = logging.getLogger("dsserve.loader")
@@ -189,12 +190,14 @@ def load_weights(model: DecoderOnlyLM, folder: Path, files: dict[str, list[str]]
                         continue
                     if _IGNORED.search(name):
                         continue
-                    target = targets.get(name)
-                    if target is None:
+                    if name not in targets:
                         raise CheckpointError(f"{path}: unexpected tensor '{name}' for {cfg.architecture}")
+                    target = targets[name]
+                    if target is ANOTHER_RANK:
+                        continue
                     _copy_into(target, f.get_slice(name), name, path, ctx)
                     seen.add(name)
-    missing = [n for n in targets if n not in seen]
+    missing = [n for n, t in targets.items() if t is not ANOTHER_RANK and n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{folder}: tensor '{missing[0]}' is missing from the checkpoint{more}")

@@ -76,7 +76,7 @@ def register(sub) -> None:
     parser.add_argument("--model-path", "--model", dest="model_path", default=None,
                         help="checkpoint folder or its config.json (default: dsserve-tiny)")
     for flag, kind, default, text in (
-            ("--tp-size", int, 1, "tensor-parallel size"), ("--device", str, None, "device (default: the best available)"),
+            ("--tp-size", int, 1, "tensor-parallel size"), ("--ep-size", int, 1, "expert-parallel size (1 or --tp-size)"), ("--device", str, None, "device (default: the best available)"),
             ("--dtype", str, "auto", "compute dtype"), ("--quantization", str, None, "weight format, as for serve"),
             ("--context-length", int, None, "maximum tokens per sequence"),
             ("--mem-fraction-static", float, 0.5, "fraction of the memory left after the weights for the KV cache")):
@@ -102,8 +102,8 @@ def make_plan(args: EngineArgs, registry: PluginRegistry | None = None) -> Plan:
                                     stored_quantized=bool(cfg.quantization_config))
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    total = _weight_bytes(cfg, device, registry, dtype, quant, 0, 1)[0]
-    per_rank, kv = _weight_bytes(cfg, device, registry, dtype, quant, 0, args.tp_size)
+    total = _weight_bytes(cfg, device, registry, dtype, quant, 0, 1, 1)[0]
+    per_rank, kv = _weight_bytes(cfg, device, registry, dtype, quant, 0, args.tp_size, args.ep_size)
     free, _ = device.memory_info()
     if device.memory_per_node:
         free //= args.tp_size
@@ -126,11 +126,13 @@ def _config(model_path: str | None) -> tuple[ModelConfig, str]:
     return cfg, str(path.parent if path.name == "config.json" else path)
 
 
-def _weight_bytes(cfg: ModelConfig, device, registry, dtype, quant, rank: int, world: int) -> tuple[int, int]:
+def _weight_bytes(cfg: ModelConfig, device, registry, dtype, quant, rank: int, world: int,
+                  ep: int) -> tuple[int, int]:
     """(weight bytes, KV bytes per token) of rank `rank` of `world`, built on the meta device."""
     # Shapes only: nothing runs on the meta device, so the identity communicator stands in for the group.
     ctx = LayerContext(device=device, registry=registry, dtype=dtype, torch_device=torch.device("meta"),
-                       comm=SingleProcessCommunicator(rank=rank, world_size=world), quant=quant)
+                       comm=SingleProcessCommunicator(rank=rank, world_size=world), quant=quant,
+                       expert_parallel=ep > 1)
     try:
         with torch.no_grad():
             model = ARCHITECTURES[cfg.architecture](cfg, ctx)

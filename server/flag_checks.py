@@ -40,8 +40,6 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
     one_device = "multi-device serving is not built yet; the model runs on one device"
     if args.dp_size > 1:
         warn("dp_size", "data parallelism is not built yet; one engine serves every request", args.dp_size)
-    if args.ep_size > 1:
-        warn("ep_size", "expert parallelism is not built yet; every expert runs on one device", args.ep_size)
     if args.enable_dp_attention:
         warn("enable_dp_attention", one_device)
     if args.nnodes > 1:

@@ -1,4 +1,4 @@
-"""Tensor parallelism over worker processes (gloo on 127.0.0.1, float32): every rank loads its
+"""Tensor and expert parallelism over worker processes (127.0.0.1, float32): every rank loads its
 shard, the collectives go through the communicator hook, and the output equals one process's —
 greedy tokens identical, chosen-token log-probs within 1e-5 — for MLA + MoE models, a Llama whose KV
 heads are replicated on groups of ranks, and an FP8 block-quantized checkpoint. A rank that dies
@@ -15,8 +15,9 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 60))]
 PARAMS = SamplingParams(max_new_tokens=8, temperature=0, logprobs=True, ignore_eos=True)
 
 
-def _generate(model_path, tp: int, **kwargs):
-    with Engine(model_path=model_path, dtype="float32", max_total_tokens=1024, tp_size=tp, **kwargs) as engine:
+def _generate(model_path, tp: int, ep: int = 1, **kwargs):
+    with Engine(model_path=model_path, dtype="float32", max_total_tokens=1024, tp_size=tp, ep_size=ep,
+                **kwargs) as engine:
         outs = engine.generate(input_ids=[[t % engine.info.vocab_size for t in p] for p in PROMPTS],
                                sampling_params=PARAMS)
     return [(o.token_ids, o.logprobs) for o in outs]
@@ -36,6 +37,13 @@ def test_tensor_parallel_output_equals_one_process(tmp_path, name, tp):
     _assert_same(_generate(path, tp), _generate(path, 1))
 
 
+@pytest.mark.parametrize("name", ["tiny", "deepseek_v2_softmax", "deepseek_v3"])
+def test_expert_parallel_output_equals_one_process(tmp_path, name):
+    """--ep-size 2: each rank holds half the experts whole (the other half's tensors are not read)."""
+    path = None if name == "tiny" else str(build(name, tmp_path).path)
+    _assert_same(_generate(path, 2, ep=2), _generate(path, 1))
+
+
 def test_fp8_block_checkpoint_at_tp2(tmp_path):
     from dsserve.models.loader import resolve_model_path
     from dsserve.models.quantize import quantize_checkpoint
@@ -43,7 +51,9 @@ def test_fp8_block_checkpoint_at_tp2(tmp_path):
     # 16x16 blocks: dsserve-tiny's shards at tp=2 (16 expert rows, say) hold whole blocks
     quantize_checkpoint(resolve_model_path(None), tmp_path / "fp8", "fp8", block=(16, 16))
     path = str(tmp_path / "fp8")
-    _assert_same(_generate(path, 2), _generate(path, 1))
+    one = _generate(path, 1)
+    _assert_same(_generate(path, 2), one)
+    _assert_same(_generate(path, 2, ep=2), one)
 
 
 def test_a_dead_rank_stops_the_engine_and_is_named():
@@ -62,3 +72,8 @@ def test_a_dead_rank_stops_the_engine_and_is_named():
 def test_tp_with_a_thread_worker_is_refused():
     with pytest.raises(ValueError, match="worker process per rank"):
         Engine(dtype="float32", tp_size=2, model_worker="thread")
+
+
+def test_ep_other_than_tp_is_refused():
+    with pytest.raises(ValueError, match="--ep-size must be 1 or --tp-size"):
+        Engine(dtype="float32", tp_size=2, ep_size=4)

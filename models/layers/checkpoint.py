@@ -23,6 +23,11 @@ class LoadTarget:
         return self.param[self.index] if self.index else self.param
 
 
+# A load target of None: a tensor of the checkpoint another rank loads (an expert-parallel rank's
+# experts); skipped here.
+ANOTHER_RANK = None
+
+
 class CheckpointModule(nn.Module):
     """A module that names the checkpoint tensors it consumes (relative to its own prefix)."""
 

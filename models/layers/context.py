@@ -22,6 +22,7 @@ class LayerContext:
     quant: QuantConfig = field(default_factory=QuantConfig)  # how linears and experts are stored
     page_size: int | None = None
     kv_cache_dtype: torch.dtype | None = None  # None: the compute dtype (`cache_dtype`)
+    expert_parallel: bool = False  # routed experts split by expert over the tensor-parallel ranks
     _attention: dict = field(default_factory=dict)
 
     @property
