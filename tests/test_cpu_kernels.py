@@ -448,3 +448,19 @@ def test_a_killed_builds_lock_does_not_hang_the_next_start():
     assert proc.returncode == 0, proc.stderr
     assert not lock.exists()
     assert "left by a build of the C++ kernels that did not finish" in proc.stderr
+
+
+def test_ranks_take_a_numa_node_each_or_an_even_share_of_the_cores():
+    from dsserve.plugins.cpu.device import _cpu_list, rank_cores
+
+    two_sockets = [set(range(0, 8)), set(range(8, 16))]
+    allowed = set(range(16))
+    assert [rank_cores(r, 2, allowed, two_sockets) for r in range(2)] == [list(range(8)), list(range(8, 16))]
+    # four ranks on two sockets: even contiguous shares, each inside one socket
+    assert [rank_cores(r, 4, allowed, two_sockets) for r in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                           [8, 9, 10, 11], [12, 13, 14, 15]]
+    # a mask (taskset) that leaves one socket: the shares come from the allowed cores only
+    assert [rank_cores(r, 2, {2, 3, 4, 5}, two_sockets) for r in range(2)] == [[2, 3], [4, 5]]
+    assert [rank_cores(r, 3, {0, 1}, [set()]) for r in range(3)] == [[0], [1], [0]]   # more ranks than cores
+    assert _cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -71,14 +72,46 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def rank_cores(local_rank: int, ranks_on_node: int) -> list[int]:
-    """The cores of rank `local_rank` of `ranks_on_node`: an even, contiguous share of this process's
-    affinity mask (ranks share a core only when there are more ranks than cores)."""
-    cores = sorted(os.sched_getaffinity(0))
+def rank_cores(local_rank: int, ranks_on_node: int, allowed: set[int] | None = None,
+               numa: list[set[int]] | None = None) -> list[int]:
+    """The cores of rank `local_rank` of `ranks_on_node`, within this process's affinity mask.
+
+    With as many NUMA nodes (holding allowed cores) as ranks, rank r takes node r's cores: one rank
+    per socket keeps each rank's weights in its own node's memory. Otherwise an even, contiguous
+    share of the allowed cores (ranks share a core only when there are more ranks than cores).
+    """
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    nodes = [sorted(n & allowed) for n in (numa_nodes() if numa is None else numa)]
+    nodes = [n for n in nodes if n]
+    if len(nodes) == ranks_on_node > 1:
+        return nodes[local_rank]
+    cores = sorted(allowed)
     per = len(cores) // ranks_on_node
     if per == 0:
         return [cores[local_rank % len(cores)]]
     return cores[local_rank * per:(local_rank + 1) * per]
+
+
+def numa_nodes() -> list[set[int]]:
+    """The CPUs of each NUMA node (Linux sysfs; [] where it cannot be read)."""
+    nodes = []
+    for path in sorted(Path("/sys/devices/system/node").glob("node[0-9]*/cpulist"),
+                       key=lambda p: int(p.parent.name[4:])):
+        try:
+            nodes.append(_cpu_list(path.read_text()))
+        except (OSError, ValueError):
+            return []
+    return nodes
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11}."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def _read_int(path: str) -> int | None:
