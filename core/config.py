@@ -135,6 +135,8 @@ class EngineArgs:
             if value is not None and value < 1:
                 raise flag_error(name, f"must be >= 1, got {value}")
         self._check_compat_flags()
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise flag_error("nnodes", f"{self.nnodes} needs --dist-init-addr HOST:PORT (node 0's rendezvous)")
         if self.ep_size not in (1, self.tp_size):
             raise flag_error("ep_size", f"must be 1 or --tp-size ({self.tp_size}): experts are split over the "
                                         f"tensor-parallel ranks, got {self.ep_size}")

@@ -54,29 +54,35 @@ class ThreadExecutor:
 
 
 class ProcessExecutor:
-    """The worker in child processes (`python -m dsserve.core.worker`), one per tensor-parallel rank,
-    that inherit this one's environment and import path. Every rank gets every step and call; rank 0's
-    answer is the model's (the ranks' sampled tokens are the same). A load error is re-raised here as
-    the first rank to fail raised it; a rank that dies stops them all, and the error names it."""
+    """The worker in child processes (`python -m dsserve.core.worker`), one per tensor-parallel rank
+    of this node, that inherit this one's environment and import path. On one node every rank gets
+    every step and call; across nodes (--nnodes) rank 0 gets them and relays them to the others.
+    Rank 0's answer is the model's (the ranks' sampled tokens are the same). A load error is
+    re-raised here as the first rank to fail raised it; a rank that dies stops this node's ranks,
+    and the error names it."""
 
     def __init__(self, args: EngineArgs, on_death: Callable[[str], None] | None = None):
-        world = args.tp_size
-        self._stopping = False
-        init = free_local_address() if world > 1 else None
+        world, per_node = args.tp_size, args.tp_size // args.nnodes
+        first = args.node_rank * per_node
+        self.relayed = args.nnodes > 1
+        self._stopping, self._first, self._world = False, first, world
+        init = (f"tcp://{args.dist_init_addr}" if self.relayed
+                else free_local_address() if world > 1 else None)
         timeout = args.dist_timeout or DEFAULT_TIMEOUT_S
         self.processes: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
-            for rank in range(world):
+            for local in range(per_node):
                 ours, theirs = socket.socketpair()
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "dsserve.core.worker", "--fd", str(theirs.fileno())],
                     pass_fds=[theirs.fileno()], env=env))
                 theirs.close()  # the child's end: once the child exits, reads here see EOF
                 self.conns.append(Connection(ours.detach()))
-                self.conns[-1].send(WorkerStart(args, RankInfo(rank, world, rank, world, init, timeout)))
-            replies = self._gather()
+                self.conns[-1].send(WorkerStart(args, RankInfo(first + local, world, local, per_node, init, timeout,
+                                                               self.relayed)))
+            replies = self._gather(range(per_node))
         except BaseException:
             self._stop(graceful=False)
             raise
@@ -86,11 +92,12 @@ class ProcessExecutor:
             raise failed
         self.info: ModelInfo = replies[0][1]
         self.process = self.processes[0]
+        self.ranks = range(first, first + per_node)
         if on_death is not None:  # an idle engine reads no socket: a thread per rank waits for its end
-            for rank in range(world):
-                threading.Thread(target=self._watch, args=(rank, on_death), name=f"dsserve-watch-{rank}",
+            for local in range(per_node):
+                threading.Thread(target=self._watch, args=(local, on_death), name=f"dsserve-watch-{local}",
                                  daemon=True).start()
-        log.info("model worker%s: process%s %s", "s" if world > 1 else "", "es" if world > 1 else "",
+        log.info("model worker%s: process%s %s", "s" if per_node > 1 else "", "es" if per_node > 1 else "",
                  ", ".join(str(p.pid) for p in self.processes))
 
     def execute(self, step: StepInput) -> StepOutput:
@@ -104,31 +111,36 @@ class ProcessExecutor:
             raise failed
         return replies[0][1]
 
-    def shutdown(self) -> None:
-        self._stop(graceful=True)
+    def shutdown(self, graceful: bool = True) -> None:
+        self._stop(graceful)
 
     def _broadcast(self, message) -> list:
+        """Send `message` to the ranks that take orders from the engine; their replies."""
         data = pickle.dumps(message)   # once, whatever the number of ranks
-        for rank, conn in enumerate(self.conns):
+        told = range(1) if self.relayed else range(len(self.conns))
+        for local in told:
             try:
-                conn.send_bytes(data)
+                self.conns[local].send_bytes(data)
             except OSError:
-                raise self._died(rank) from None
-        return self._gather()
+                raise self._died(local) from None
+        return self._gather(told)
 
-    def _gather(self) -> list:
-        """Every rank's reply, in rank order; WorkerDied as soon as any rank's process ends (a rank
-        waiting in a collective for a dead peer would wait for the group's whole timeout)."""
-        replies: list = [None] * len(self.conns)
-        pending = {conn: rank for rank, conn in enumerate(self.conns)}
-        while pending:
-            for conn in wait(list(pending)):
-                rank = pending.pop(conn)
+    def _gather(self, expected) -> list:
+        """The replies of the local ranks in `expected`, in order; WorkerDied as soon as any local
+        rank's process ends (a rank waiting in a collective for a dead peer would wait for the
+        group's whole timeout): the others' sockets turn readable only at their end."""
+        replies: dict[int, object] = {}
+        index = {conn: local for local, conn in enumerate(self.conns)}
+        while len(replies) < len(expected):
+            for conn in wait([c for c, local in index.items() if local not in replies]):
+                local = index[conn]
                 try:
-                    replies[rank] = conn.recv()
+                    if local not in expected:
+                        raise EOFError
+                    replies[local] = conn.recv()
                 except (EOFError, OSError):
-                    raise self._died(rank) from None
-        return replies
+                    raise self._died(local) from None
+        return [replies[local] for local in expected]
 
     def _watch(self, rank: int, on_death: Callable[[str], None]) -> None:
         self.processes[rank].wait()
@@ -140,10 +152,10 @@ class ProcessExecutor:
         self._stop(graceful=False)
         return error
 
-    def _exit_line(self, rank: int) -> str:
-        code = self.processes[rank].wait()
-        who = f"rank {rank} of {len(self.processes)} " if len(self.processes) > 1 else ""
-        return f"the model worker {who}(process {self.processes[rank].pid}) exited with status {code}"
+    def _exit_line(self, local: int) -> str:
+        code = self.processes[local].wait()
+        who = f"rank {self._first + local} of {self._world} " if self._world > 1 else ""
+        return f"the model worker {who}(process {self.processes[local].pid}) exited with status {code}"
 
     def _stop(self, graceful: bool) -> None:
         self._stopping = True

@@ -82,31 +82,51 @@ def main(argv: list[str] | None = None) -> None:
         return
     conn.send(("ready", worker.info()))
     try:
-        serve(worker, conn)
+        if ranks.relayed and ranks.rank > 0:
+            follow(worker, ranks)
+        else:
+            serve(worker, conn, ranks.relay if ranks.relayed else None)
     finally:
         ranks.leave()
 
 
-def serve(worker: ModelWorker, conn: Connection) -> None:
+def serve(worker: ModelWorker, conn: Connection, relay=None) -> None:
+    """Answer the engine's messages; with `relay` (rank 0 of ranks on several nodes), pass each on to
+    the other ranks first."""
     while True:
         try:
             data = conn.recv_bytes()
-        except (EOFError, OSError):  # the engine is gone
-            return
-        try:
-            message: WorkerMessage = pickle.loads(data)
-        except Exception as e:  # a WorkerCall's function this process cannot import: the caller hears why
-            conn.send(("failed", RuntimeError(f"the model worker cannot unpickle the call: {e}")))
-            continue
+        except (EOFError, OSError):  # the engine is gone: so are the other ranks' orders
+            message: WorkerMessage = Shutdown()
+        else:
+            try:
+                message = pickle.loads(data)
+            except Exception as e:  # a WorkerCall's function this process cannot import: the caller hears why
+                conn.send(("failed", RuntimeError(f"the model worker cannot unpickle the call: {e}")))
+                continue
+        if relay is not None:
+            relay(message)
         if isinstance(message, Shutdown):
             return
-        if isinstance(message, StepInput):
-            conn.send(worker.execute(message))
-            continue
-        try:
-            conn.send(("ok", worker.call(message)))
-        except Exception as e:
-            conn.send(("failed", _picklable(e)))
+        conn.send(answer(worker, message))
+
+
+def follow(worker: ModelWorker, ranks: RankInfo) -> None:
+    """A rank other than 0 of ranks on several nodes: do what rank 0 relays; rank 0 answers."""
+    while True:
+        message = ranks.relay()
+        if isinstance(message, Shutdown):
+            return
+        answer(worker, message)
+
+
+def answer(worker: ModelWorker, message: WorkerMessage):
+    if isinstance(message, StepInput):
+        return worker.execute(message)
+    try:
+        return ("ok", worker.call(message))
+    except Exception as e:
+        return ("failed", _picklable(e))
 
 
 def _picklable(e: BaseException) -> BaseException:

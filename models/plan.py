@@ -106,7 +106,7 @@ def make_plan(args: EngineArgs, registry: PluginRegistry | None = None) -> Plan:
     per_rank, kv = _weight_bytes(cfg, device, registry, dtype, quant, 0, args.tp_size, args.ep_size)
     free, _ = device.memory_info()
     if device.memory_per_node:
-        free //= args.tp_size
+        free //= args.tp_size // args.nnodes
     fmt = quant.format if quant.format != "none" else str(dtype).removeprefix("torch.")
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     return Plan(name, args.tp_size, str(dtype).removeprefix("torch."), fmt + (" (quantized at load)" if quant.online

@@ -42,12 +42,9 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         warn("dp_size", "data parallelism is not built yet; one engine serves every request", args.dp_size)
     if args.enable_dp_attention:
         warn("enable_dp_attention", one_device)
-    if args.nnodes > 1:
-        warn("nnodes", "multi-node serving is not built yet; this node serves on its own", args.nnodes)
-    if args.node_rank:
-        warn("node_rank", "multi-node serving is not built yet; this node serves on its own", args.node_rank)
-    if args.dist_init_addr:
-        warn("dist_init_addr", "no distributed rendezvous happens on one device", args.dist_init_addr)
+    if args.dist_init_addr and args.nnodes == 1:
+        warn("dist_init_addr", "one node finds its ranks itself (the address is for --nnodes above 1)",
+             args.dist_init_addr)
     if args.dist_timeout is not None and args.tp_size == 1:
         warn("dist_timeout", "no distributed operation runs on one device", args.dist_timeout)
     if args.load_format not in ("auto", "safetensors"):

@@ -123,6 +123,8 @@ async def _serve_until_stopped(server, sock: socket.socket, ready_line: str | No
 def run(ns: argparse.Namespace) -> int:
     args = ServerArgs.from_cli_args(ns)
     logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
+    if args.node_rank > 0:
+        return serve_ranks(args)
     from dsserve.core.plugins import default_registry
     from .flag_checks import inactive_flag_warnings
     from .serving import resolve_chat_template, served_model_name
@@ -152,6 +154,29 @@ def run(ns: argparse.Namespace) -> int:
         sock.close()
     log.info("dsserve stopped")
     return 1 if failure else 0
+
+
+def serve_ranks(args: ServerArgs) -> int:
+    """A node other than 0 (--node-rank): start this node's ranks, which join node 0's rendezvous and
+    take their orders from rank 0; no engine, no HTTP. Exits when they do (0 when node 0 shut them
+    down, 1 when one failed); SIGTERM/SIGINT stop them."""
+    from dsserve.core.executor import ProcessExecutor
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ranks = ProcessExecutor(args)
+    log.info("dsserve node %d: ranks %d..%d of %d joined the group at %s", args.node_rank, ranks.ranks[0],
+             ranks.ranks[-1], args.tp_size, args.dist_init_addr)
+    while not stop.is_set() and any(p.poll() is None for p in ranks.processes):
+        stop.wait(_WATCH_INTERVAL_S)
+    codes = [p.poll() for p in ranks.processes]
+    ranks.shutdown(graceful=not stop.is_set())   # on a signal the ranks cannot finish a step anyway
+    failed = [(r, c) for r, c in zip(ranks.ranks, codes) if c not in (0, None)]
+    for rank, code in failed:
+        log.error("dsserve node %d: rank %d exited with status %d", args.node_rank, rank, code)
+    log.info("dsserve node %d stopped", args.node_rank)
+    return 1 if failed else 0
 
 
 def _plan_shortfall(plan) -> str:
