@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="dsserve model worker (started by the engine)")
     parser.add_argument("--fd", type=int, required=True, help="the socket shared with the engine")
     fd = parser.parse_args(argv).fd
-    # Ctrl-C in a terminal reaches the whole process group: the engine decides when this ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal to the whole process group (Ctrl-C in a terminal, systemd stopping the unit, `timeout`)
+    # would end this worker while the engine still drains its requests: the engine decides when it
+    # ends (Shutdown, or its end of the socket closing).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(socket.socket(fileno=fd).detach())
     start: WorkerStart = conn.recv()
     args, ranks = start.args, start.ranks

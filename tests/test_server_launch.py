@@ -67,11 +67,12 @@ def test_unknown_choice_and_busy_port(capsys):
 class Served:
     """`dsserve` in a subprocess; waits for its ready line."""
 
-    def __init__(self, tmp_path: Path, *flags: str):
+    def __init__(self, tmp_path: Path, *flags: str, own_process_group: bool = False):
         self.stderr_path = tmp_path / "stderr.txt"
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen([DSSERVE, "--port", "0", "--dtype", "float32", "--max-total-tokens", "8192",
-                                          *flags], stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                          *flags], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                         start_new_session=own_process_group)
         self.ready = self._read_ready_line()
         self.url = self.ready.split()[2]
 
@@ -176,3 +177,20 @@ def test_a_killed_rank_stops_the_server_naming_it(tmp_path):
     assert "the model worker rank 1 of 2" in served.stderr and "exited with status -9" in served.stderr
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+
+
+def test_sigterm_to_the_whole_process_group_still_drains(tmp_path):
+    """systemd (and `timeout`) signal every process of the group: the model worker must not die
+    before the server has drained its requests."""
+    served = Served(tmp_path, own_process_group=True)
+    try:
+        events = served.stream({"prompt": "hi", "max_tokens": 40, "stream": True},
+                               after_first=lambda: os.killpg(served.proc.pid, signal.SIGTERM))
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert served.wait() == 0
+    finally:
+        if served.proc.poll() is None:
+            os.killpg(served.proc.pid, signal.SIGKILL)
+    assert "exited with status" not in served.stderr
+
