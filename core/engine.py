@@ -43,6 +43,9 @@ class Engine:
                  **engine_args):
         self.args = args = EngineArgs.from_kwargs(model_path=model_path, device=device, dtype=dtype, **engine_args)
         logging.basicConfig(level=args.log_level.upper(), format="[dsserve] %(message)s")
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._failure: str | None = None       # why the engine stopped serving, if it did (any thread sets it)
         self.executor = self._start_engine_thread(args)
         self.info: ModelInfo = self.executor.info
         try:
@@ -54,10 +57,7 @@ class Engine:
             self.scheduler = Scheduler(pages, self.tree, args.max_running_requests, args.chunked_prefill_size)
             self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.metrics)
             self._inbox: deque[InboxMessage] = deque()
-            self._wakeup = threading.Condition()
             self._rids = itertools.count()
-            self._stopping = False
-            self._failure: str | None = None       # why the engine stopped serving, if it did
             self._pending_flushes: list[threading.Event] = []
             self._on_worker: dict[str, Request] = {}  # requests whose sampling state the worker holds
         except BaseException:

@@ -142,13 +142,13 @@ class ProcessExecutor:
                     raise self._died(local) from None
         return [replies[local] for local in expected]
 
-    def _watch(self, rank: int, on_death: Callable[[str], None]) -> None:
-        self.processes[rank].wait()
+    def _watch(self, local: int, on_death: Callable[[str], None]) -> None:
+        self.processes[local].wait()
         if not self._stopping:
-            on_death(self._exit_line(rank))
+            on_death(self._exit_line(local))
 
-    def _died(self, rank: int) -> WorkerDied:
-        error = WorkerDied(self._exit_line(rank))
+    def _died(self, local: int) -> WorkerDied:
+        error = WorkerDied(self._exit_line(local))
         self._stop(graceful=False)
         return error
 
