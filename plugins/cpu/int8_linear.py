@@ -31,6 +31,12 @@ def unsupported(spec: LinearSpec) -> str | None:
     return None
 
 
+def scale_name(fmt) -> str:
+    """The name of an int8 format's weight-scale tensor, as its checkpoints spell it (int8_block:
+    weight_scale_inv, int8_channel: weight_scale)."""
+    return next(name for name in fmt.tensors() if name != "weight")
+
+
 def activation_group(quant: str, block: tuple[int, int] | None, k: int) -> int:
     """Features per activation scale: the block's columns, or the whole row (per token)."""
     return block[1] if quant == "int8_block" else k
@@ -40,7 +46,7 @@ class CpuInt8Linear(QuantizedWeights):
     def __init__(self, spec: LinearSpec, kernels, isa: native.Int8Isa):
         super().__init__(spec)
         self.kernels, self.isa = kernels, int(isa)
-        self.scale_name = "weight_scale_inv" if spec.quant == "int8_block" else "weight_scale"
+        self.scale_name = scale_name(self.format)
         self.group = activation_group(spec.quant, self.format.block, spec.in_features)
 
     def process_weights_after_loading(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

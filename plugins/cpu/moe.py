@@ -11,7 +11,7 @@ from . import native
 from .fp8_linear import activation_dtype, column_scales
 from .fp8_linear import unsupported as fp8_unsupported
 from .int8_linear import FORMATS as INT8_FORMATS
-from .int8_linear import activation_group, pack_w8a8
+from .int8_linear import activation_group, pack_w8a8, scale_name
 from .packing import pack, pack_fp8, packable
 
 
@@ -79,7 +79,7 @@ class CpuInt8MoE(CpuRoutedMoE):
     def __init__(self, spec: MoESpec, kernels, isa: native.Int8Isa):
         super().__init__(spec, kernels)
         self.isa = int(isa)
-        self.scale_name = "weight_scale_inv" if spec.quant == "int8_block" else "weight_scale"
+        self.scale_name = scale_name(self.format)
 
     def _pack(self, w: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         scale = w[self.scale_name].float()
