@@ -34,7 +34,7 @@ class ModelRunner:
         self.device = registry.select_device(args.device)
         self.device.setup(ranks.local_rank, ranks.ranks_on_node)
         ranks.join(self.device.dist_backend)
-        self.dtype = self.device.default_dtype() if args.dtype == "auto" else _DTYPES[args.dtype]
+        self.dtype = compute_dtype(self.device, args.dtype)
         self.kv_cache_dtype = _kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.model_path = resolve_model_path(args.model_path)
         self.config = cfg = read_config(self.model_path)
@@ -100,6 +100,11 @@ class ModelRunner:
             start += n
         ids = torch.tensor([t for it in items for t in it.new_token_ids], dtype=torch.int64, device=self.torch_device)
         return ForwardBatch(ids, meta, torch.tensor(rows, dtype=torch.int64, device=self.torch_device))
+
+
+def compute_dtype(device, name: str) -> torch.dtype:
+    """The dtype --dtype names; "auto" is the device's default."""
+    return device.default_dtype() if name == "auto" else _DTYPES[name]
 
 
 def _kv_cache_dtype(name: str, compute: torch.dtype) -> torch.dtype:

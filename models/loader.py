@@ -70,14 +70,18 @@ def resolve_model_path(model_path: str | None) -> Path:
 
 
 def read_config(folder: Path) -> ModelConfig:
+    return read_config_file(folder / "config.json")
+
+
+def read_config_file(path: Path) -> ModelConfig:
+    """A config.json (any file name: `dsserve plan` reads published configs on their own)."""
     try:
-        cfg = ModelConfig.from_file(folder / "config.json")
+        cfg = ModelConfig.from_file(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if cfg.architecture not in ARCHITECTURES:
         raise CheckpointError(
-            f"{folder / 'config.json'}: unsupported architecture '{cfg.architecture}'; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"{path}: unsupported architecture '{cfg.architecture}'; supported: {', '.join(ARCHITECTURES)}"
         )
     return cfg
 

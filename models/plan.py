@@ -15,16 +15,14 @@ import torch
 
 from dsserve.core.config import EngineArgs
 from dsserve.core.kv_cache import KVPool
+from dsserve.core.model_runner import compute_dtype
 from dsserve.core.plugins import PluginRegistry, default_registry
 from dsserve.core.quant import QuantConfig
 from dsserve.core.reference import SingleProcessCommunicator
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .layers import LayerContext
-from .loader import ARCHITECTURES, CheckpointError, resolve_model_path
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .loader import ARCHITECTURES, CheckpointError, read_config_file, resolve_model_path
 
 @dataclass(frozen=True)
 class Plan:
@@ -53,6 +51,11 @@ class Plan:
     @property
     def longest_context(self) -> int:
         return min(self.kv_tokens, self.max_context)
+
+    def shortfall(self) -> str:
+        """Why the plan does not fit, for a refusal."""
+        return (f"its weights take {_size(self.weights_per_rank)} per rank and {self.device} has "
+                f"{_size(self.free_per_rank)} free per rank (raise --tp, or quantize)")
 
     def lines(self) -> list[str]:
         head = (f"plan: {self.model} at tp={self.tp}, {self.dtype}, weights {self.weights_format}: "
@@ -94,16 +97,18 @@ def _run(ns) -> int:
 def make_plan(args: EngineArgs, registry: PluginRegistry | None = None) -> Plan:
     """The plan for `args` (model path or a config.json file, tp size, dtype, quantization, device)."""
     registry = registry or default_registry()
-    cfg, name = _config(args.model_path)
+    path = (Path(args.model_path) if args.model_path and Path(args.model_path).is_file()
+            else resolve_model_path(args.model_path) / "config.json")
+    cfg, name = read_config_file(path), str(path.parent if path.name == "config.json" else path)
     device = registry.select_device(args.device)
-    dtype = device.default_dtype() if args.dtype == "auto" else _DTYPES[args.dtype]
+    dtype = compute_dtype(device, args.dtype)
     try:
         quant = QuantConfig.resolve(cfg.quantization_config, args.quantization,
                                     stored_quantized=bool(cfg.quantization_config))
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    total = _weight_bytes(cfg, device, registry, dtype, quant, 0, 1, 1)[0]
     per_rank, kv = _weight_bytes(cfg, device, registry, dtype, quant, 0, args.tp_size, args.ep_size)
+    total = per_rank if args.tp_size == 1 else _weight_bytes(cfg, device, registry, dtype, quant, 0, 1, 1)[0]
     free, _ = device.memory_info()
     if device.memory_per_node:
         free //= args.tp_size // args.nnodes
@@ -112,18 +117,6 @@ def make_plan(args: EngineArgs, registry: PluginRegistry | None = None) -> Plan:
     return Plan(name, args.tp_size, str(dtype).removeprefix("torch."), fmt + (" (quantized at load)" if quant.online
                                                                                else ""),
                 total, per_rank, kv, device.name, free, context, args.mem_fraction_static)
-
-
-def _config(model_path: str | None) -> tuple[ModelConfig, str]:
-    path = Path(model_path) if model_path and Path(model_path).is_file() else resolve_model_path(model_path) / "config.json"
-    try:
-        cfg = ModelConfig.from_file(path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    if cfg.architecture not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: unsupported architecture '{cfg.architecture}'; supported: "
-                              f"{', '.join(ARCHITECTURES)}")
-    return cfg, str(path.parent if path.name == "config.json" else path)
 
 
 def _weight_bytes(cfg: ModelConfig, device, registry, dtype, quant, rank: int, world: int,

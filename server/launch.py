@@ -139,7 +139,7 @@ def run(ns: argparse.Namespace) -> int:
     for line in plan.lines():
         log.info("%s", line)
     if not plan.fits:
-        raise ValueError(f"{plan.model} does not fit: {_plan_shortfall(plan)}")
+        raise ValueError(f"{plan.model} does not fit: {plan.shortfall()}")
     sock = bind_socket(args.host, args.port)
     from dsserve.core.engine import Engine
     from .app import create_app
@@ -177,11 +177,6 @@ def serve_ranks(args: ServerArgs) -> int:
         log.error("dsserve node %d: rank %d exited with status %d", args.node_rank, rank, code)
     log.info("dsserve node %d stopped", args.node_rank)
     return 1 if failed else 0
-
-
-def _plan_shortfall(plan) -> str:
-    return (f"its weights take {plan.weights_per_rank / 2**30:.2f} GiB per rank and {plan.device} has "
-            f"{plan.free_per_rank / 2**30:.2f} GiB free per rank (raise --tp, or quantize)")
 
 
 class ServerThread:
