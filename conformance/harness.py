@@ -45,7 +45,7 @@ MARGIN = 256  # elements of sentinel before and after every guarded tensor
 REPEATS = 3  # the fewest timed calls per implementation and case (the median is kept)
 MAX_REPEATS = 7
 
-FAMILIES = ("attention", "moe", "linear", "communicator", "paged-kv", "end-to-end")
+FAMILIES = ("attention", "moe", "linear", "layer-ops", "communicator", "paged-kv", "end-to-end")
 PROPERTY = "dsserve_conformance"  # the key of the per-case record in a test report's user_properties
 
 

@@ -36,6 +36,7 @@ FAMILY_FILES = {
     "attention": "test_attention.py",
     "moe": "test_moe.py",
     "linear": "test_linear.py",
+    "layer-ops": "test_layer_ops.py",
     "communicator": "test_communicator.py",
     "paged-kv": "test_paged_kv.py",
     "end-to-end": "test_end_to_end.py",

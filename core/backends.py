@@ -380,6 +380,39 @@ class LinearMethod(ABC):
         return params["weight"]
 
 
+# -------------------------------------------------------------------------------------- layer ops
+
+
+class LayerOps(ABC):
+    """The small ops between a layer's big kernels: RMSNorm (with the residual add fused into it) and
+    rotary embedding. At decode each handles a few hundred values, so what they cost is dispatch, not
+    arithmetic (eight layers run about a hundred of them a step): a device that fuses them keeps a
+    step's op count down. One instance serves every layer of the model.
+    """
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, D] * rsqrt(mean(x^2) + eps) * weight [D], in float32, rounded once to x's dtype.
+
+        With `residual` [rows, D]: `residual` becomes x + residual (in place, rounded to x's dtype, as
+        the unfused `residual = residual + x` is) and the norm of that is returned. `out` [rows, D]
+        receives the result (it may be x itself); None returns a new tensor. Rows of x, residual and
+        out may be strided (a slice of a wider projection); the last dim is contiguous.
+        """
+
+    @abstractmethod
+    def rotary_(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                interleaved: bool) -> None:
+        """Rotate x [T, heads, D] in place by the angles of positions [T] (int64).
+
+        cos, sin: float32 [max_positions, D / 2]. interleaved=True rotates adjacent pairs (x[2i],
+        x[2i+1]) (DeepSeek's layout), False the halves (x[i], x[i + D/2]) (Llama/Qwen2). Computed in
+        float32, rounded once. x may be a strided view (q's rope part inside q); its last dim is
+        contiguous.
+        """
+
+
 # ---------------------------------------------------------------------------------- communication
 
 

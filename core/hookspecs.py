@@ -17,6 +17,7 @@ from .backends import (
     AttentionSpec,
     Communicator,
     Device,
+    LayerOps,
     LinearMethod,
     LinearSpec,
     MoEBackend,
@@ -59,6 +60,16 @@ def dsserve_moe_backend(device: Device, spec: MoESpec) -> MoEBackend | None:
 def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | None:
     """Return the `LinearMethod` for `spec.quant` on `device` (how weights are created, repacked
     after loading and applied), or None when that scheme is not served here."""
+
+
+@hookspec(firstresult=True)
+def dsserve_layer_ops(device: Device) -> LayerOps | None:
+    """Return the `LayerOps` (RMSNorm with the residual add, rotary embedding) for `device`, or None.
+
+    Called once when the model is built; the instance serves every layer. Its ops fall back on the
+    reference's for inputs the device's kernels do not handle (another dtype, say): a plugin that
+    cannot serve some of them subclasses `dsserve.core.reference.ReferenceLayerOps`.
+    """
 
 
 @hookspec(firstresult=True)

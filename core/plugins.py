@@ -19,6 +19,7 @@ from .backends import (
     AttentionSpec,
     Communicator,
     Device,
+    LayerOps,
     LinearMethod,
     LinearSpec,
     MoEBackend,
@@ -34,6 +35,7 @@ HOOK_FAMILIES = {
     "dsserve_attention_backend": "attention",
     "dsserve_moe_backend": "moe",
     "dsserve_linear_method": "linear",
+    "dsserve_layer_ops": "layer-ops",
     "dsserve_communicator": "communicator",
 }
 
@@ -180,6 +182,9 @@ class PluginRegistry:
     def linear_method(self, device: Device, spec: LinearSpec) -> LinearMethod:
         return _answer(self._hook("dsserve_linear_method", device)(device=device, spec=spec), device,
                        f"quantization '{spec.quant}'")
+
+    def layer_ops(self, device: Device) -> LayerOps:
+        return _answer(self._hook("dsserve_layer_ops", device)(device=device), device, "layer ops (RMSNorm, rotary embedding)")
 
     def communicator(self, device: Device, group: object, rank: int, world_size: int) -> Communicator:
         caller = self._hook("dsserve_communicator", device)

@@ -77,10 +77,12 @@ class MLAttention(CheckpointModule):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
         q = q.view(T, self.heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = self.rope(q_pe, meta.positions)
-        kv = self.kv_a_proj_with_mqa(x)
-        c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c), self.rope(k_pe, meta.positions)], dim=-1)
+        self.rope(q_pe, meta.positions)                              # in place, inside q
+        # the projection's output becomes the cached latent in place: c normalised, k_pe rotated
+        latent = self.kv_a_proj_with_mqa(x)
+        c, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        self.kv_a_layernorm(c, out=c)
+        self.rope(k_pe.unsqueeze(1), meta.positions)
         if meta.is_decode:
             q_latent = self.backend.absorb_query(q_nope, self.w_kc)                       # [B, H, L]
             o = self.backend.forward_decode(q_latent, q_pe, latent, cache, meta)
@@ -125,7 +127,7 @@ class DeepseekV2ForCausalLM(DecoderOnlyLM):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         max_pos = max(cfg.max_position_embeddings, 1)
         rope = RotaryEmbedding(cfg.qk_rope_head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling,
-                               interleaved=cfg.rope_interleave, device=ctx.torch_device)
+                               interleaved=cfg.rope_interleave, ctx=ctx)
         super().__init__(cfg, ctx, lambda i: DecoderLayer(
             MLAttention(cfg, ctx, rope),
             DeepseekMoE(cfg, ctx) if cfg.is_moe_layer(i) else GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx),

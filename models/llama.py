@@ -53,7 +53,7 @@ class GQAttention(CheckpointModule):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache) -> torch.Tensor:
         T, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = self.rope(q.view(T, self.heads, d), meta.positions)
+        q = self.rope(q.view(T, self.heads, d), meta.positions)   # in place, inside the qkv output
         k = self.rope(k.view(T, self.kv_heads, d), meta.positions)
         v = v.view(T, self.kv_heads, d)
         attend = self.backend.forward_decode if meta.is_decode else self.backend.forward_extend
@@ -63,7 +63,7 @@ class GQAttention(CheckpointModule):
 class LlamaForCausalLM(DecoderOnlyLM):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
-                               interleaved=False, device=ctx.torch_device)
+                               interleaved=False, ctx=ctx)
         mlp_bias = bool(cfg.raw.get("mlp_bias"))
         super().__init__(cfg, ctx, lambda i: DecoderLayer(
             GQAttention(cfg, ctx, rope), GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx, bias=mlp_bias),

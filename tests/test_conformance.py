@@ -28,7 +28,7 @@ from dsserve.plugins.cpu import CpuDevice
 
 EXAMPLE_DIST = "dsserve-plugin-example"
 EXAMPLE_DEVICE = "example-cpu"
-FAMILY_ROWS = ("attention", "moe", "linear", "communicator", "paged-kv", "end-to-end")
+FAMILY_ROWS = ("attention", "moe", "linear", "layer-ops", "communicator", "paged-kv", "end-to-end")
 
 
 def _dsserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -97,7 +97,7 @@ def test_cpu_passes(capsys):
     # cpu's own MLA decode and fused MoE (C++, where they build); the two-rank case runs its shared-memory
     # communicator, the single-rank ones the reference's identity
     kernels = native.kernels() is not None
-    for family in ("attention", "paged-kv", "moe"):
+    for family in ("attention", "paged-kv", "moe", "layer-ops"):
         assert (counts[family][0] > 0) == kernels, (family, counts[family])
     assert counts["communicator"][:2] == (1, 3), counts["communicator"]
     assert _rows(table, "communicator")[-1][1] == "dsserve.plugins.cpu.shm_communicator.SharedMemoryCommunicator"

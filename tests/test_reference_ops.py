@@ -595,5 +595,8 @@ def test_registry_falls_back_to_reference():
         reg.linear_method(dev, LinearSpec(4, 4, False, torch.float32, quant="int8_w8a8"))
     assert isinstance(reg.communicator(dev, None, 0, 1), SingleProcessCommunicator)
     assert isinstance(reg.communicator(dev, None, 1, 2), TorchDistributedCommunicator)
+    from dsserve.core.reference import ReferenceLayerOps
+
+    assert isinstance(reg.layer_ops(dev), ReferenceLayerOps)
     info = {p.name: p for p in reg.plugins()}["reference"]
-    assert info.devices == [] and info.hooks == ["attention", "communicator", "linear", "moe"]
+    assert info.devices == [] and info.hooks == ["attention", "communicator", "layer-ops", "linear", "moe"]

@@ -10,6 +10,7 @@ from ..hookspecs import hookimpl
 from ..quant import FORMATS
 from .attention import ReferenceMHAAttention, ReferenceMLAAttention, from_cache, to_cache, write_cache
 from .communicator import SingleProcessCommunicator, TorchDistributedCommunicator, torch_communicator
+from .layer_ops import ReferenceLayerOps
 from .linear import UnquantizedLinear
 from .moe import ReferenceMoE, select_experts
 from .quant_linear import QuantizedWeights, ReferenceQuantizedLinear
@@ -17,6 +18,7 @@ from .quant_linear import QuantizedWeights, ReferenceQuantizedLinear
 __all__ = [
     "ReferenceMHAAttention",
     "ReferenceMLAAttention",
+    "ReferenceLayerOps",
     "ReferenceMoE",
     "QuantizedWeights",
     "ReferenceQuantizedLinear",
@@ -50,6 +52,11 @@ def dsserve_linear_method(device: Device, spec: LinearSpec):
     if spec.quant == "none":
         return UnquantizedLinear(spec)
     return ReferenceQuantizedLinear(spec) if spec.quant in FORMATS else None
+
+
+@hookimpl(trylast=True)
+def dsserve_layer_ops(device: Device):
+    return ReferenceLayerOps()
 
 
 @hookimpl(trylast=True)

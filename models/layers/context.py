@@ -5,7 +5,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsserve.core.backends import AttentionBackend, AttentionSpec, Communicator, Device, MoEBackend, MoESpec
+from dsserve.core.backends import (
+    AttentionBackend,
+    AttentionSpec,
+    Communicator,
+    Device,
+    LayerOps,
+    MoEBackend,
+    MoESpec,
+)
 from dsserve.core.plugins import PluginRegistry
 from dsserve.core.quant import QuantConfig
 
@@ -24,6 +32,7 @@ class LayerContext:
     kv_cache_dtype: torch.dtype | None = None  # None: the compute dtype (`cache_dtype`)
     expert_parallel: bool = False  # routed experts split by expert over the tensor-parallel ranks
     _attention: dict = field(default_factory=dict)
+    _ops: LayerOps | None = None
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -46,6 +55,13 @@ class LayerContext:
 
     def attention_backends(self) -> list[AttentionBackend]:
         return list(self._attention.values())
+
+    @property
+    def ops(self) -> LayerOps:
+        """The device's RMSNorm and rotary embedding, one instance for every layer."""
+        if self._ops is None:
+            self._ops = self.registry.layer_ops(self.device)
+        return self._ops
 
     def moe_backend(self, spec: MoESpec) -> MoEBackend:
         return self.registry.moe_backend(self.device, spec)

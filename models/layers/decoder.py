@@ -15,7 +15,12 @@ from .norm import RMSNorm
 
 
 class DecoderLayer(CheckpointModule):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The residual stream travels beside the block's output and each add is fused into the norm that
+    follows it (`LayerOps.rms_norm`): a layer returns (its MLP's output, the stream without it), and
+    the next layer's input norm, or the model's final one, adds the two.
+    """
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, cfg: ModelConfig, ctx: LayerContext):
         super().__init__()
@@ -23,9 +28,15 @@ class DecoderLayer(CheckpointModule):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (the embeddings in the first layer, whose residual is None)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, meta, cache), residual)
+        return self.mlp(h), residual
 
 
 class DecoderOnlyLM(CheckpointModule):
@@ -54,10 +65,10 @@ class DecoderOnlyLM(CheckpointModule):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: list) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, meta, cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, meta, cache)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given rows."""

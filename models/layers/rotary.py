@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .context import LayerContext
+
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -64,33 +66,24 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding over the last dim.
+    """Rotary position embedding over the last dim, through the device's layer ops, in place.
 
     interleaved=True rotates adjacent pairs (x0, x1), (x2, x3)... as DeepSeek's checkpoints are laid
     out (their reference uses complex numbers over pairs); False rotates the two halves (Llama/Qwen2).
     """
 
     def __init__(self, dim: int, max_positions: int, theta: float, scaling: dict | None,
-                 interleaved: bool, device: torch.device):
+                 interleaved: bool, ctx: LayerContext):
         super().__init__()
         inv_freq, attn_factor = rope_inv_freq(dim, theta, scaling)
-        self.interleaved = interleaved
+        self.interleaved, self.ops = interleaved, ctx.ops
         self.max_positions = max_positions
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", (freqs.cos() * attn_factor).to(device), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * attn_factor).to(device), persistent=False)
-        # interleaved pairs rotate as one complex multiplication (DeepSeek's own form): half the ops of
-        # the real formula, which matters at decode where each op handles a few hundred values
-        self.register_buffer("cis", torch.complex(self.cos, self.sin) if interleaved else None, persistent=False)
+        self.register_buffer("cos", (freqs.cos() * attn_factor).to(ctx.torch_device), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attn_factor).to(ctx.torch_device), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., dim] rotated by the angles of positions [T]."""
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        if self.interleaved:
-            pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-            return torch.view_as_real(pairs * self.cis[positions].view(shape)).flatten(-2).to(x.dtype)
-        cos = self.cos[positions].view(shape)
-        sin = self.sin[positions].view(shape)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """x [T, heads, dim] rotated in place by the angles of positions [T]; returns x."""
+        self.ops.rotary_(x, positions, self.cos, self.sin, self.interleaved)
+        return x

@@ -13,7 +13,8 @@ int8_block) run through the C++ int8 kernels (`int8_linear.py`, csrc/int8_linear
 fused_moe.cpp: activations quantized in the call as the reference rounds them, vpdpbusd on
 AVX512-VNNI CPUs, int16 vpmaddwd on AVX2), and FP8 weight-only ones (fp8_block, DeepSeek-V3/R1) through
 the e4m3-widening kernels (`fp8_linear.py`, csrc/fp8_gemm.h: to bfloat16 for vdpbf16ps, or to float32
-for FMAs without AVX512-BF16). MHA/GQA attention runs on torch's SDPA kernels with decode kept in the
+for FMAs without AVX512-BF16). RMSNorm with its residual add and rotary embedding run one C++
+call each (`layer_ops.py`). MHA/GQA attention runs on torch's SDPA kernels with decode kept in the
 cache's half dtype (`CpuMHAAttention`). AWQ, 8-bit caches and collectives are the core's torch-native
 reference implementations for now: a spec this module does not serve is answered None, so the reference
 decides for itself.
@@ -27,6 +28,7 @@ from dsserve.core.backends import (
     AttentionSpec,
     Communicator,
     Device,
+    LayerOps,
     LinearMethod,
     LinearSpec,
     MoEBackend,
@@ -118,6 +120,15 @@ def _quantized_linear(spec: LinearSpec) -> LinearMethod | None:
     if kernels is not None and fp8_linear.unsupported(spec) is None:
         return fp8_linear.CpuFp8Linear(spec, kernels, native.isa(), native.fp8_vbmi())
     return None
+
+
+@hookimpl
+def dsserve_layer_ops(device: Device) -> LayerOps | None:
+    from . import native
+    from .layer_ops import CpuLayerOps
+
+    kernels = native.kernels()
+    return CpuLayerOps(kernels) if kernels is not None else None
 
 
 @hookimpl

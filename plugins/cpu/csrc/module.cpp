@@ -20,6 +20,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          int64_t isa);
 at::Tensor head_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual,
+                    const c10::optional<at::Tensor>& out);
+void rotary(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+            bool interleaved);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
                        const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t group, int64_t isa);
 }  // namespace dsserve_cpu
@@ -33,5 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_linear", &dsserve_cpu::head_linear, "per-head x W_h^T on per-head packed weights");
   m.def("int8_linear", &dsserve_cpu::int8_linear, "W8A8 x W^T (+ b): activations quantized in the call");
   m.def("route", &dsserve_cpu::route, "MoE routing of every token: scores, grouped top-k, weights");
+  m.def("rms_norm", &dsserve_cpu::rms_norm, "RMSNorm of rows, the residual add fused (residual updated in place)");
+  m.def("rotary", &dsserve_cpu::rotary, "rotary embedding of [tokens, heads, D] in place");
   m.def("mla_decode", &dsserve_cpu::mla_decode, "MLA decode on the paged latent cache, split over the KV length");
 }
