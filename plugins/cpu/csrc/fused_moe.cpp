@@ -1,10 +1,12 @@
 // Routed experts of one MoE layer in one call: every (token, expert) pair of the batch, grouped by
 // expert, through gate/up, SiLU-and-mul and down, weighted and summed per token.
 //
-// Parallel over output column blocks, never over tokens or experts: a thread owns a block of 16
-// columns for every expert, so it reads each expert's block of weights once per step (a decode step
-// is bound by reading the weights) and is the only writer of those output columns (no atomics, no
-// per-expert partial sums to reduce).
+// Parallel over output column blocks, never over tokens or experts: a thread owns a range of blocks
+// of 16 columns for every expert, so it reads each expert's blocks of weights once per step (a decode
+// step is bound by reading the weights) and is the only writer of those output columns (no atomics,
+// no per-expert partial sums to reduce). It walks its range expert by expert: an expert's blocks lie
+// one after another in memory, so each expert is one long read the prefetchers follow (block by
+// block across experts: 315 -> 275 us at 1 token, 4.5 -> 3.4 ms at 64, bench-model shapes, Zen 4).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -62,10 +64,10 @@ void gate_up_phase(const Grouping& g, int64_t inter_blocks, int64_t I, A* act, c
   const int64_t E = static_cast<int64_t>(g.offsets.size()) - 1, most = most_pairs(g);
   at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(most * kBlockN), up(most * kBlockN);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+      if (rows == 0) continue;
+      for (int64_t b = begin; b < end; ++b) {
         gate_up(e, b, p, rows, gate.data(), up.data());
         for (int64_t m = 0; m < rows; ++m)
           for (int j = 0; j < kBlockN; ++j)
@@ -85,10 +87,10 @@ at::Tensor down_phase(const Grouping& g, int64_t tokens, int64_t D, const at::Te
   float* o = out.data_ptr<float>();
   at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(most * kBlockN);
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
-        if (rows == 0) continue;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
+      if (rows == 0) continue;
+      for (int64_t nb = begin; nb < end; ++nb) {
         down(e, nb, p, rows, y.data());
         for (int64_t m = 0; m < rows; ++m) {
           float* dst = o + g.token[p + m] * D + nb * kBlockN;
