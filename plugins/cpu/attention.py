@@ -138,7 +138,7 @@ class CpuMLAAttention(ReferenceMLAAttention):
         wanted = -(-CHUNKS_PER_THREAD * torch.get_num_threads() // len(meta.seq_lens_cpu))
         chunks = max(1, min(wanted, longest // MIN_CHUNK_TOKENS))
         out = self.kernels.mla_decode(q, flat, meta.page_table, meta.seq_lens, meta.page_size,
-                                      self.spec.kv_lora_rank, self.spec.scale, chunks)
+                                      self.spec.kv_lora_rank, self.spec.scale, chunks, self.isa)
         return out.to(q_latent.dtype)
 
 

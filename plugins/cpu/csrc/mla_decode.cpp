@@ -6,16 +6,23 @@
 // second pass merges the chunks of a sequence. Tokens go in blocks of kTokens: a block's latent rows
 // are widened to float32 once, then scored against all heads (q transposed, heads in the vector
 // lanes) and added into all heads' outputs.
-// The inner loops are plain C++ compiled for AVX-512, AVX2 and baseline x86 (target_clones: the
-// loader picks the clone for the CPU at run time).
+// On AVX512-BF16 CPUs a bfloat16 cache takes the dot-product path (`item_dpbf16`): scores and the
+// weighted sum are vdpbf16ps products with float32 sums, the softmax is vectorized across heads, and
+// the probabilities are rounded to bfloat16 for the weighted sum as FlashMLA rounds them (16 heads,
+// 1000 cached tokens, one sequence on a Zen 4: 528 -> 173 us; 16 sequences of 50 tokens: 441 -> 189 us). Elsewhere the inner loops are plain C++ compiled
+// for AVX-512, AVX2 and baseline x86 (target_clones: the loader picks the clone at run time).
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <cstring>
 #include <vector>
+
+#include "block_gemm.h"
 
 namespace dsserve_cpu {
 namespace {
@@ -83,10 +90,128 @@ struct Partial {  // one (sequence, chunk)'s softmax state for every head
   std::vector<float> max, sum, acc;  // [H], [H], [H * L]
 };
 
+// ------------------------------------------------------------------- AVX512-BF16 dot products
+
+// exp of 16 floats: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p Taylor to r^6 (relative error
+// ~1e-7); inputs below -87 give ~1e-38 (a -inf max difference: the first block's `keep`).
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline uint32_t bf16_bits(float v) {  // round to nearest even (probabilities: finite, >= 0)
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// o[j * 16 .. +16] (NJ vectors of 16 latent columns) = o * keep + sum over token pairs of
+// (p[2i], p[2i+1]) . (rows 2i, 2i+1 of the block, interleaved: rp[i][l][2]).
+template <int NJ>
+__attribute__((target("avx512f,avx512bf16"))) inline void weighted_sum(float* o, float keep, const int32_t* pairs,
+                                                                     int64_t npairs, const uint16_t* rp, int64_t L) {
+  __m512 acc[NJ];
+  const __m512 k = _mm512_set1_ps(keep);
+  for (int j = 0; j < NJ; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(o + j * 16), k);
+  for (int64_t i = 0; i < npairs; ++i) {
+    const __m512bh pv = (__m512bh)_mm512_set1_epi32(pairs[i]);
+    for (int j = 0; j < NJ; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], pv, (__m512bh)_mm512_loadu_si512(rp + (i * L + j * 16) * 2));
+  }
+  for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(o + j * 16, acc[j]);
+}
+
+// One (sequence, chunk of tokens [t0, t1)) on the latent cache, 16 heads a group in the vector lanes.
+// q [H, W] bfloat16; `slot(t)` the cache row of token t. W even and L a multiple of 32 (the caller checks).
+template <typename Slot>
+__attribute__((target("avx512f,avx512bf16"))) void item_dpbf16(const at::BFloat16* q, const at::BFloat16* cache,
+                                                              const Slot& slot, int64_t t0, int64_t t1, int64_t H,
+                                                              int64_t W, int64_t L, float scale, Partial& part) {
+  const int64_t groups = (H + kHeads - 1) / kHeads, W2 = W / 2;
+  // q as (w, w+1) pairs with the heads in the lanes: qp[g][w / 2][h]
+  std::vector<int32_t> qp(groups * W2 * kHeads, 0);
+  const uint16_t* qb = reinterpret_cast<const uint16_t*>(q);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W2; ++w)
+      qp[((h / kHeads) * W2 + w) * kHeads + h % kHeads] =
+          static_cast<int32_t>(qb[h * W + 2 * w] | static_cast<uint32_t>(qb[h * W + 2 * w + 1]) << 16);
+  const int64_t Hp = groups * kHeads;
+  part.max.assign(Hp, -std::numeric_limits<float>::infinity());
+  part.sum.assign(Hp, 0.0f);
+  part.acc.assign(Hp * L, 0.0f);
+  std::vector<uint16_t> zeros(W, 0), rp(kTokens * L);  // the block's latent columns, token pairs interleaved
+  const __m512i lo_order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi_order = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  alignas(64) float probs[kTokens][kHeads];
+  alignas(64) float keep[kHeads];
+  int32_t pairs[kTokens / 2];
+  const uint16_t* rows[kTokens];
+  for (int64_t s0 = t0; s0 < t1; s0 += kTokens) {
+    const int64_t count = std::min(kTokens, t1 - s0), npairs = (count + 1) / 2;
+    for (int64_t i = 0; i < kTokens; ++i)
+      rows[i] = i < count ? reinterpret_cast<const uint16_t*>(cache + slot(s0 + i) * W) : zeros.data();
+    for (int64_t i = 0; i < npairs; ++i)  // interleave rows 2i and 2i+1, 32 columns at a time
+      for (int64_t l = 0; l < L; l += 32) {
+        const __m512i a = _mm512_loadu_si512(rows[2 * i] + l), b = _mm512_loadu_si512(rows[2 * i + 1] + l);
+        const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+        _mm512_storeu_si512(rp.data() + (i * L + l) * 2, _mm512_permutex2var_epi64(lo, lo_order, hi));
+        _mm512_storeu_si512(rp.data() + (i * L + l + 16) * 2, _mm512_permutex2var_epi64(lo, hi_order, hi));
+      }
+    for (int64_t g = 0; g < groups; ++g) {
+      const int32_t* qg = qp.data() + g * W2 * kHeads;
+      __m512 sc[kTokens];
+      for (int64_t i = 0; i < count; i += 4) {  // four tokens share each load of q
+        const int32_t* r[4];
+        for (int j = 0; j < 4; ++j) r[j] = reinterpret_cast<const int32_t*>(rows[std::min(i + j, count - 1)]);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t w = 0; w < W2; ++w) {
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(qg + w * kHeads);
+          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32(r[0][w]), qv);
+          a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_set1_epi32(r[1][w]), qv);
+          a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_set1_epi32(r[2][w]), qv);
+          a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_set1_epi32(r[3][w]), qv);
+        }
+        const __m512 sv = _mm512_set1_ps(scale);
+        sc[i] = _mm512_mul_ps(a0, sv);
+        if (i + 1 < count) sc[i + 1] = _mm512_mul_ps(a1, sv);
+        if (i + 2 < count) sc[i + 2] = _mm512_mul_ps(a2, sv);
+        if (i + 3 < count) sc[i + 3] = _mm512_mul_ps(a3, sv);
+      }
+      // online softmax, every head of the group at once
+      __m512 block_max = sc[0];
+      for (int64_t i = 1; i < count; ++i) block_max = _mm512_max_ps(block_max, sc[i]);
+      const __m512 old_max = _mm512_loadu_ps(part.max.data() + g * kHeads);
+      const __m512 new_max = _mm512_max_ps(old_max, block_max);
+      const __m512 kv = exp16(_mm512_sub_ps(old_max, new_max));
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(part.sum.data() + g * kHeads), kv);
+      for (int64_t i = 0; i < 2 * npairs; ++i) {
+        const __m512 p = i < count ? exp16(_mm512_sub_ps(sc[i], new_max)) : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, p);
+        _mm512_store_ps(probs[i], p);
+      }
+      _mm512_storeu_ps(part.max.data() + g * kHeads, new_max);
+      _mm512_storeu_ps(part.sum.data() + g * kHeads, sum);
+      _mm512_store_ps(keep, kv);
+      for (int64_t h = 0; h < kHeads && g * kHeads + h < H; ++h) {
+        for (int64_t i = 0; i < npairs; ++i)
+          pairs[i] = static_cast<int32_t>(bf16_bits(probs[2 * i][h]) | bf16_bits(probs[2 * i + 1][h]) << 16);
+        float* o = part.acc.data() + (g * kHeads + h) * L;
+        int64_t l = 0;
+        for (; l + 128 <= L; l += 128) weighted_sum<8>(o + l, keep[h], pairs, npairs, rp.data() + l * 2, L);
+        for (; l < L; l += 32) weighted_sum<2>(o + l, keep[h], pairs, npairs, rp.data() + l * 2, L);
+      }
+    }
+  }
+}
+
 template <typename T>
 at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
                            const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale,
-                           int64_t chunks) {
+                           int64_t chunks, Isa isa) {
   const int64_t B = q.size(0), H = q.size(1), W = q.size(2), L = rank;
   const T* qp = q.data_ptr<T>();
   const T* cp = cache.data_ptr<T>();
@@ -94,6 +219,7 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t max_pages = page_table.size(1);
   std::vector<Partial> parts(B * chunks);
+  const bool dot_products = isa == kAvx512Bf16 && W % 2 == 0 && L % 32 == 0;
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t groups = (H + kHeads - 1) / kHeads, Hp = groups * kHeads;  // heads padded to whole groups
@@ -102,6 +228,15 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
       const int64_t b = item / chunks, c = item % chunks, n = lens[b];
       const int64_t per = (n + chunks - 1) / chunks, t0 = std::min(n, c * per), t1 = std::min(n, t0 + per);
       Partial& part = parts[item];
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (dot_products) {
+          const auto slot = [&](int64_t pos) {
+            return static_cast<int64_t>(pages[b * max_pages + pos / page_size]) * page_size + pos % page_size;
+          };
+          item_dpbf16(qp + b * H * W, cp, slot, t0, t1, H, W, L, static_cast<float>(scale), part);
+          continue;
+        }
+      }
       part.max.assign(H, -std::numeric_limits<float>::infinity());
       part.sum.assign(H, 0.0f);
       part.acc.assign(H * L, 0.0f);
@@ -164,9 +299,11 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
 
 // q [B, H, W] (the absorbed query: kv_lora_rank latent then rope); cache [slots, W] (flat pages);
 // page_table [B, max_pages] int32; seq_lens [B] int32 (tokens in the cache, the new one written);
+// isa: the variant (block_gemm.h's numbering; AVX512_BF16 takes the dot-product path for bfloat16);
 // returns [B, H, rank] in q's dtype: softmax(scale * q . row) weighted sum of the rows' latent part.
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
-                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks) {
+                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks,
+                      int64_t isa) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, W] tensor");
   TORCH_CHECK(cache.dim() == 2 && cache.is_contiguous() && cache.size(1) == q.size(2),
               "cache must be the flat [slots, W] latent cache of q's width");
@@ -177,9 +314,9 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
   const at::Tensor table = page_table.contiguous(), lens = seq_lens.contiguous();
   switch (q.scalar_type()) {
     case at::kBFloat16:
-      return mla_decode_impl<at::BFloat16>(q, cache, table, lens, page_size, rank, scale, chunks);
+      return mla_decode_impl<at::BFloat16>(q, cache, table, lens, page_size, rank, scale, chunks, static_cast<Isa>(isa));
     case at::kFloat:
-      return mla_decode_impl<float>(q, cache, table, lens, page_size, rank, scale, chunks);
+      return mla_decode_impl<float>(q, cache, table, lens, page_size, rank, scale, chunks, static_cast<Isa>(isa));
     default:
       TORCH_CHECK(false, "mla_decode serves bfloat16 and float32, not ", q.scalar_type());
   }
