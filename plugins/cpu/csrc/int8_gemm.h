@@ -39,18 +39,29 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_int8_vnni(
     out[m] = _mm512_setzero_ps();
     xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);  // 4 activation bytes per int32
   }
+  // few rows: U accumulators a row over alternating k, so that U vpdpbusd are in flight rather than one
+  // chain of dependent ones (one row: 16 -> 9 us for a 384 x 1024 weight on a Zen 4)
+  constexpr int U = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
   for (int64_t g = 0, k0 = 0; k0 < K4; ++g, k0 += group4) {
     const int64_t k1 = std::min(K4, k0 + group4);
-    __m512i a[ROWS];
-    for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_si512();
-    for (int64_t kk = k0; kk < k1; ++kk) {
+    __m512i a[ROWS][U];
+    for (int m = 0; m < ROWS; ++m)
+      for (int u = 0; u < U; ++u) a[m][u] = _mm512_setzero_si512();
+    int64_t kk = k0;
+    for (; kk + U <= k1; kk += U)
+      for (int u = 0; u < U; ++u) {
+        const __m512i wv = _mm512_loadu_si512(w + (kk + u) * 64);
+        for (int m = 0; m < ROWS; ++m) a[m][u] = _mm512_dpbusd_epi32(a[m][u], _mm512_set1_epi32(xp[m][kk + u]), wv);
+      }
+    for (; kk < k1; ++kk) {
       const __m512i wv = _mm512_loadu_si512(w + kk * 64);
-      for (int m = 0; m < ROWS; ++m) a[m] = _mm512_dpbusd_epi32(a[m], _mm512_set1_epi32(xp[m][kk]), wv);
+      for (int m = 0; m < ROWS; ++m) a[m][0] = _mm512_dpbusd_epi32(a[m][0], _mm512_set1_epi32(xp[m][kk]), wv);
     }
     const __m512i c = _mm512_loadu_si512(comp + g * kInt8BlockN);
     const __m512 s = _mm512_loadu_ps(ws + g * kInt8BlockN);
     for (int m = 0; m < ROWS; ++m) {
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(a[m], c));
+      for (int u = 1; u < U; ++u) a[m][0] = _mm512_add_epi32(a[m][0], a[m][u]);
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(a[m][0], c));
       out[m] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s, _mm512_set1_ps(sx[m * lds + g])), out[m]);
     }
   }
