@@ -127,9 +127,10 @@ class Linear(CheckpointModule):
                 params.pop("weight")), **params}
         new = self.method.process_weights_after_loading(params)
         self.params = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in new.items()})
+        self._applied = dict(self.params)  # what apply reads each call: a plain dict, not a Module lookup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.method.apply(self.params, x)
+        y = self.method.apply(self._applied, x)
         if self.parallel == "row" and self.ctx.tp_size > 1:
             y = self.ctx.comm.all_reduce(y)
         return y

@@ -119,6 +119,7 @@ class RoutedExperts(CheckpointModule):
         w13, w2 = self.backend.process_weights_after_loading(w13, w2)
         del self.w13, self.w2  # a Parameter may become a ParameterDict
         self.w13, self.w2 = self._parameter(w13), self._parameter(w2)
+        self._experts = (self._weights(self.w13), self._weights(self.w2))  # as compute_experts takes them
 
     def _quantized(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Float experts [E, N, K] quantized one expert at a time, stacked per stored tensor."""
@@ -141,7 +142,7 @@ class RoutedExperts(CheckpointModule):
         if self.ctx.expert_parallel:
             out = self._local_share(x, weights, ids)
         else:
-            out = self.backend.compute_experts(x, weights, ids, self._weights(self.w13), self._weights(self.w2))
+            out = self.backend.compute_experts(x, weights, ids, *self._experts)
         if self.ctx.tp_size > 1:
             out = self.ctx.comm.all_reduce(out)
         return out
@@ -160,6 +161,5 @@ class RoutedExperts(CheckpointModule):
         own = local.gather(1, mine.int().argmax(dim=1, keepdim=True))
         local = torch.where(mine, local, own)
         weights = torch.where(mine, weights, torch.zeros_like(weights))
-        out[rows] = self.backend.compute_experts(x[rows], weights, local, self._weights(self.w13),
-                                                 self._weights(self.w2))
+        out[rows] = self.backend.compute_experts(x[rows], weights, local, *self._experts)
         return out

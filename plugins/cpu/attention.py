@@ -94,6 +94,7 @@ class CpuMLAAttention(ReferenceMLAAttention):
     def __init__(self, spec: AttentionSpec, kernels, isa):
         super().__init__(spec)
         self.kernels, self.isa = kernels, int(isa)
+        self._decode_split: tuple[object, int] = (None, 1)  # (the pass's metadata, KV chunks a sequence)
 
     # w_kc [H, nope, L] is used as x @ w_kc: per head a linear layer with weight w_kc[h]^T [L, nope];
     # w_vc [H, L, v] likewise with w_vc[h]^T [v, L]. Both are kept packed in that form.
@@ -130,15 +131,23 @@ class CpuMLAAttention(ReferenceMLAAttention):
             out[rows] = o[..., :s.v_head_dim].transpose(0, 1)
         return out
 
+    def prepare(self, meta):
+        # decode needs no gathered slots (the kernel reads the page table), only the KV split, once a pass
+        if meta.is_decode:
+            longest = max(meta.seq_lens_cpu)
+            wanted = -(-CHUNKS_PER_THREAD * torch.get_num_threads() // len(meta.seq_lens_cpu))
+            self._decode_split = (meta, max(1, min(wanted, longest // MIN_CHUNK_TOKENS)))
+        else:
+            super().prepare(meta)
+
     def forward_decode(self, q_latent, q_pe, latent, cache, meta):
+        if self._decode_split[0] is not meta:  # a caller that skipped prepare
+            self.prepare(meta)
         flat = cache.view(-1, cache.shape[-1])
-        write_cache(flat, meta.out_cache_loc, latent)
-        q = torch.cat([q_latent, q_pe], dim=-1).to(flat.dtype).contiguous()
-        longest = max(meta.seq_lens_cpu)
-        wanted = -(-CHUNKS_PER_THREAD * torch.get_num_threads() // len(meta.seq_lens_cpu))
-        chunks = max(1, min(wanted, longest // MIN_CHUNK_TOKENS))
+        flat.index_copy_(0, meta.out_cache_loc, latent.to(flat.dtype))  # an unscaled cache of the compute dtype
+        q = torch.cat([q_latent, q_pe], dim=-1).to(flat.dtype)
         out = self.kernels.mla_decode(q, flat, meta.page_table, meta.seq_lens, meta.page_size,
-                                      self.spec.kv_lora_rank, self.spec.scale, chunks, self.isa)
+                                      self.spec.kv_lora_rank, self.spec.scale, self._decode_split[1], self.isa)
         return out.to(q_latent.dtype)
 
 
