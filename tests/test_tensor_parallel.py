@@ -26,7 +26,9 @@ def _generate(model_path, tp: int, ep: int = 1, **kwargs):
 def _assert_same(got, want):
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
         assert tokens == want_tokens
-        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < 1e-5
+        # float32 sums split over ranks and threads in another order: a few ulps of the logits, which
+        # reach ~1e-5 in a logprob after 8 steps; a wrong shard is off by orders of magnitude more
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs)) < 5e-5
 
 
 @pytest.mark.parametrize("name,tp", [("tiny", 2), ("deepseek_v2_softmax", 2), ("deepseek_v3", 2), ("llama", 2),

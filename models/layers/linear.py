@@ -34,9 +34,11 @@ class Linear(CheckpointModule):
         parts: dict[str, int] | None = None,
         quant: str | None = None,
         part_shards: dict[str, tuple[int, int]] | None = None,
+        dtype: torch.dtype | None = None,
     ):
         """`part_shards[part]` = (i, n): a column-parallel part this rank takes slice i of n of (not
-        its own of tp_size): KV heads replicated when there are fewer of them than ranks."""
+        its own of tp_size): KV heads replicated when there are fewer of them than ranks. `dtype`: the
+        layer's own compute dtype where it is not the model's (the MoE router's float32)."""
         super().__init__()
         self.ctx, self.parallel = ctx, parallel
         self.part_shards = part_shards or {}
@@ -50,7 +52,7 @@ class Linear(CheckpointModule):
             in_features = ctx.shard(in_features, "input features")
         self.parts = dict(parts or {})
         fmt = ctx.quant.format if quant is None else quant
-        spec = LinearSpec(in_features, out_features, bias, ctx.dtype, fmt,
+        spec = LinearSpec(in_features, out_features, bias, dtype or ctx.dtype, fmt,
                           ctx.quant.block if fmt != "none" else None)
         self.method = ctx.registry.linear_method(ctx.device, spec)
         self.online = ctx.quant.online and fmt != "none"

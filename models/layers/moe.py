@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsserve.core.backends import MoESpec
 from dsserve.core.quant import weight_format
 
-from .checkpoint import ANOTHER_RANK, CheckpointModule, LoadTarget
+from .checkpoint import ANOTHER_RANK, CheckpointModule, LoadTarget, prefixed
 from .context import LayerContext
+from .linear import Linear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -48,7 +48,8 @@ class RoutedExperts(CheckpointModule):
         self.format = weight_format(fmt, ctx.quant.block) if fmt != "none" else None
         self.online = ctx.quant.online and self.format is not None
         dev, D, L = ctx.torch_device, spec.hidden_size, self.local_experts
-        self.gate_weight = nn.Parameter(torch.empty(E, D, dtype=torch.float32, device=dev), requires_grad=False)
+        # the router in float32, as DeepSeek's Hugging Face code computes it: expert choices are sensitive
+        self.gate = Linear(D, E, ctx, quant="none", dtype=torch.float32)
         self.correction_bias = (
             nn.Parameter(torch.empty(E, dtype=torch.float32, device=dev), requires_grad=False)
             if correction_bias else None
@@ -99,7 +100,7 @@ class RoutedExperts(CheckpointModule):
         return targets
 
     def load_targets(self) -> dict[str, LoadTarget]:
-        targets = {"gate.weight": LoadTarget(self.gate_weight)}
+        targets = prefixed("gate", self.gate.load_targets())
         if self.correction_bias is not None:
             targets["gate.e_score_correction_bias"] = LoadTarget(self.correction_bias)
         names = list(self._targets(0))
@@ -137,7 +138,7 @@ class RoutedExperts(CheckpointModule):
         return nn.Parameter(w, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.float(), self.gate_weight)
+        logits = self.gate(x.float())
         weights, ids = self.backend.select_experts(logits, self.correction_bias)
         if self.ctx.expert_parallel:
             out = self._local_share(x, weights, ids)
