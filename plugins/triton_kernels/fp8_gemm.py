@@ -8,8 +8,10 @@ BLOCK_M x BLOCK_N output tile and walks K one scale group at a time (BLOCK_K = b
 group's partial product in float32 from tl.dot and multiplying both scales in before accumulating.
 
 `upcast` selects how the 8-bit operands reach tl.dot: natively (GPUs with 8-bit float MMA: NVIDIA
-sm89+, AMD MI300) or converted to float16 first, which is exact (every e4m3 value is a float16
-value) and works on any GPU Triton supports. The interpreter runs both.
+sm89+, AMD MI300) or as their raw bytes widened to float16 by integer ops (`e4m3_bytes_to_f16`),
+which is exact (every e4m3 value is a float16 value) and names no 8-bit float type in the kernel:
+Triton refuses fp8e4nv pointers below sm_89, so an upcast that converted loaded e4m3 values would
+not compile on A100/A10 (checked by compiling for sm_80 in the tests). The interpreter runs both.
 """
 from __future__ import annotations
 
@@ -21,6 +23,23 @@ from dsserve.core.quant import quantize_per_token_group, weight_format
 from dsserve.core.reference import QuantizedWeights
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+# `e4m3_bytes_to_f16` yields value * 2^(e4m3 bias - float16 bias): 2^-8 for e4m3fn (bias 7), 2^-7 for
+# e4m3fnuz (bias 8). A product of two such operands is undone by this factor (a power of two: exact).
+UPCAST_SCALE = {torch.float8_e4m3fn: 2.0 ** 16, torch.float8_e4m3fnuz: 2.0 ** 14}
+
+
+@triton.jit
+def e4m3_bytes_to_f16(b):
+    """e4m3 (fn or fnuz) bytes (uint8) -> float16 holding value * 2^-8 (fn) or 2^-7 (fnuz), exactly:
+    the sign moves to bit 15 and the 4 exponent + 3 mantissa bits to float16's exponent and top
+    mantissa bits, unchanged (an e4m3 subnormal lands on a float16 subnormal of the same scale)."""
+    b = b.to(tl.int32)
+    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+def fp8_operand(t: torch.Tensor, upcast: bool) -> torch.Tensor:
+    """An 8-bit tensor as the kernels take it: as is, or its raw bytes for the in-kernel upcast."""
+    return t.view(torch.uint8) if upcast else t
 
 
 @triton.jit
@@ -31,7 +50,7 @@ def _fp8_block_gemm(
     SCALE_BN: tl.constexpr,  # output features per weight-scale row
     BLOCK_K: tl.constexpr,  # = the scale group along K
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -51,10 +70,10 @@ def _fp8_block_gemm(
         b = tl.load(B + rn64[None, :] * stride_bn + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         a_s = tl.load(AScale + rm64 * stride_asm + g, mask=m_ok, other=0.0)
         b_s = tl.load(BScale + b_scale_row + g, mask=n_ok, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float16)
-            b = b.to(tl.float16)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if UPCAST:  # A and B point at the bytes (uint8)
+            a = e4m3_bytes_to_f16(a)
+            b = e4m3_bytes_to_f16(b)
+        acc += tl.dot(a, b) * DOT_SCALE * a_s[:, None] * b_s[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rm64[:, None] * stride_cm + rn[None, :], acc.to(C.dtype.element_ty),
@@ -94,14 +113,20 @@ def fp8_block_gemm(
         block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
     if block_n is None:
         block_n = min(128, max(16, triton.next_power_of_2(bn)))
+    if upcast and weight.dtype not in UPCAST_SCALE:
+        raise ValueError(f"the float16 upcast reads e4m3 bytes, not {weight.dtype}")
+    if xq.dtype != weight.dtype:
+        raise ValueError(f"activations ({xq.dtype}) and weight ({weight.dtype}) must share their 8-bit format")
     extra = {"num_warps": 4, "num_stages": 3} if xq.is_cuda else {}
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_block_gemm[grid](
-        xq, x_scale, weight, weight_scale, out, bias if bias is not None else out,
+        fp8_operand(xq, upcast), x_scale, fp8_operand(weight, upcast), weight_scale, out,
+        bias if bias is not None else out,
         m, n, k,
         xq.stride(0), x_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         SCALE_BN=bn, BLOCK_K=bk, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=upcast, HAS_BIAS=bias is not None, **extra,
+        UPCAST=upcast, DOT_SCALE=UPCAST_SCALE[weight.dtype] if upcast else 1.0, HAS_BIAS=bias is not None,
+        **extra,
     )
     return out
 

@@ -22,7 +22,7 @@ the group's float32 partial product by the token's and the column's scale before
 weight scale is read per output column (its row n // bn), so bn needs no relation to BLOCK_N and a
 scale row may hold rows of both gate and up. 8-bit operands reach tl.dot natively (NVIDIA sm89+, AMD
 gfx94x/gfx95x) or, with `upcast`, as their raw bytes widened to float16 by integer ops
-(`_e4m3_bytes_to_f16`): exact, and no 8-bit float type enters the kernel, which Triton refuses to
+(`e4m3_bytes_to_f16`): exact, and no 8-bit float type enters the kernel, which Triton refuses to
 compile for e4m3fn below sm_89.
 """
 from __future__ import annotations
@@ -34,25 +34,11 @@ from dsserve.core.backends import MoEBackend, MoESpec
 from dsserve.core.quant import quantize_per_token_group, weight_format
 from dsserve.core.reference import select_experts
 
-from .fp8_gemm import native_fp8_dot
+from .fp8_gemm import UPCAST_SCALE, e4m3_bytes_to_f16, fp8_operand, native_fp8_dot
 from .strides import last_dim_contiguous
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_PAIRS = 64 * 1024
-# `_e4m3_bytes_to_f16` yields value * 2^(e4m3 bias - float16 bias): 2^-8 for e4m3fn (bias 7), 2^-7 for
-# e4m3fnuz (bias 8). A product of two such operands is undone by this factor (a power of two: exact).
-_UPCAST_SCALE = {torch.float8_e4m3fn: 2.0 ** 16, torch.float8_e4m3fnuz: 2.0 ** 14}
-
-
-@triton.jit
-def _e4m3_bytes_to_f16(b):
-    """e4m3 (fn or fnuz) bytes (uint8) -> float16 holding value * 2^-8 (fn) or 2^-7 (fnuz), exactly:
-    the sign moves to bit 15 and the 4 exponent + 3 mantissa bits to float16's exponent and top
-    mantissa bits, unchanged (an e4m3 subnormal lands on a float16 subnormal of the same scale)."""
-    b = b.to(tl.int32)
-    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-
-
 @triton.jit
 def _moe_gemm_w13_silu(
     X, XScale, W13, WScale, Act, SortedPairs, BlockExpert, NumPadded,
@@ -94,9 +80,9 @@ def _moe_gemm_w13_silu(
             gate_s = tl.load(s_gate + g, mask=col_ok, other=0.0)
             up_s = tl.load(s_up + g, mask=col_ok, other=0.0)
             if UPCAST:
-                x = _e4m3_bytes_to_f16(x)
-                w_gate = _e4m3_bytes_to_f16(w_gate)
-                w_up = _e4m3_bytes_to_f16(w_up)
+                x = e4m3_bytes_to_f16(x)
+                w_gate = e4m3_bytes_to_f16(w_gate)
+                w_up = e4m3_bytes_to_f16(w_up)
             acc_gate += tl.dot(x, w_gate) * (x_s[:, None] * gate_s[None, :])
             acc_up += tl.dot(x, w_up) * (x_s[:, None] * up_s[None, :])
         else:
@@ -145,8 +131,8 @@ def _moe_gemm_w2(
             a_s = tl.load(ActScale + pair64 * stride_ast + g, mask=row_ok, other=0.0) * DOT_SCALE
             w_s = tl.load(s_col + g, mask=col_ok, other=0.0)
             if UPCAST:
-                a = _e4m3_bytes_to_f16(a)
-                w = _e4m3_bytes_to_f16(w)
+                a = e4m3_bytes_to_f16(a)
+                w = e4m3_bytes_to_f16(w)
             acc += tl.dot(a, w) * (a_s[:, None] * w_s[None, :])
         else:
             acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
@@ -192,11 +178,6 @@ def _config(pairs: int, on_gpu: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
-def _fp8_operand(t: torch.Tensor, upcast: bool) -> torch.Tensor:
-    """An 8-bit tensor as the kernels take it: as is, or its raw bytes for the in-kernel upcast."""
-    return t.view(torch.uint8) if upcast else t
-
-
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor | dict[str, torch.Tensor],
@@ -237,11 +218,11 @@ def fused_moe(
         w13_s, w2_s = last_dim_contiguous(w13["weight_scale_inv"]), last_dim_contiguous(w2["weight_scale_inv"])
         w13, w2 = last_dim_contiguous(w13["weight"]), last_dim_contiguous(w2["weight"])
         fp8_dtype = w13.dtype
-        if fp8_dtype not in _UPCAST_SCALE or w2.dtype != fp8_dtype:
+        if fp8_dtype not in UPCAST_SCALE or w2.dtype != fp8_dtype:
             raise TypeError(f"FP8 experts must be e4m3fn or e4m3fnuz, both alike (got {fp8_dtype}, {w2.dtype})")
         precision = None
         fp8_args = {"FP8": True, "SCALE_BN": bn, "UPCAST": upcast,
-                    "DOT_SCALE": _UPCAST_SCALE[fp8_dtype] if upcast else 1.0}
+                    "DOT_SCALE": UPCAST_SCALE[fp8_dtype] if upcast else 1.0}
         scale_strides = (w13_s.stride(0), w13_s.stride(1)), (w2_s.stride(0), w2_s.stride(1))
     else:
         w13, w2 = last_dim_contiguous(w13), last_dim_contiguous(w2)
@@ -249,7 +230,7 @@ def fused_moe(
         precision = "ieee" if w13.dtype == torch.float32 else None
         fp8_args = {"FP8": False, "SCALE_BN": 1, "UPCAST": False, "DOT_SCALE": 1.0}
         scale_strides = (0, 0), (0, 0)
-    w13_arg, w2_arg = (_fp8_operand(w13, upcast), _fp8_operand(w2, upcast)) if fp8 else (w13, w2)
+    w13_arg, w2_arg = (fp8_operand(w13, upcast), fp8_operand(w2, upcast)) if fp8 else (w13, w2)
     step = max(1, CHUNK_PAIRS // k)
     for t0 in range(0, tokens, step):
         t1 = min(tokens, t0 + step)
@@ -267,7 +248,7 @@ def fused_moe(
         x, x_s = hidden[t0:t1], w13_s  # x_s not read unless fp8
         if fp8:
             x, x_s = quantize_per_token_group(x, bk, fp8_dtype)
-            x = _fp8_operand(x, upcast)
+            x = fp8_operand(x, upcast)
         # FP8: the intermediate stays float32 until it is quantized, as the reference rounds it
         act = hidden.new_empty(pairs, inter, dtype=torch.float32 if fp8 else w13.dtype)
         _moe_gemm_w13_silu[(max_blocks, triton.cdiv(inter, block_n))](
@@ -281,7 +262,7 @@ def fused_moe(
         a, a_s = act, w2_s  # a_s not read unless fp8
         if fp8:
             a, a_s = quantize_per_token_group(act, bk, fp8_dtype)
-            a = _fp8_operand(a, upcast)
+            a = fp8_operand(a, upcast)
         per_pair = hidden.new_empty(pairs, hidden_size)
         weights = topk_weights[t0:t1].reshape(-1).to(torch.float32).contiguous()
         _moe_gemm_w2[(max_blocks, triton.cdiv(hidden_size, block_n))](
