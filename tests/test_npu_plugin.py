@@ -99,3 +99,10 @@ def test_moe_routing_bookkeeping():
     assert kernels.routing_row_idx(3, 2).dtype == torch.int32
     sorted_ids = torch.tensor([0, 0, 2, 2, 2, 5], dtype=torch.int32)
     assert kernels.expert_cumsum(sorted_ids, 6).tolist() == [2, 2, 5, 5, 5, 6]
+
+
+def test_moe_routing_is_chunked_under_the_ops_input_bound():
+    # npu_moe_init_routing takes fewer than 2^24 input elements: 2,340 tokens of DeepSeek-V3's 7168
+    assert kernels.routing_chunk_tokens(7168) == 2340
+    assert 2340 * 7168 < 2 ** 24 < 2341 * 7168
+    assert kernels.routing_chunk_tokens(2 ** 25) == 1

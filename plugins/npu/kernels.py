@@ -88,6 +88,14 @@ def routing_row_idx(tokens: int, k: int) -> torch.Tensor:
     return torch.arange(tokens * k, dtype=torch.int32).reshape(k, tokens).t().contiguous()
 
 
+ROUTING_MAX_ELEMENTS = 2 ** 24 - 1  # npu_moe_init_routing's input bound (elements of x)
+
+
+def routing_chunk_tokens(hidden: int) -> int:
+    """The most tokens one npu_moe_init_routing call may take at this hidden size."""
+    return max(1, ROUTING_MAX_ELEMENTS // hidden)
+
+
 def expert_cumsum(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """group_list for group_list_type 0: cumulative count of rows per expert, int64 [E]."""
     counts = torch.bincount(sorted_expert_ids.to(torch.int64), minlength=num_experts)
@@ -237,10 +245,18 @@ class NpuMoE(MoEBackend):
         return weights * s.routed_scaling_factor, ids.to(torch.int64)
 
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
+        if topk_ids.shape[0] == 0:
+            return hidden.new_zeros(0, hidden.shape[1])
+        # npu_moe_init_routing takes at most 2^24 input elements (2,340 tokens at DeepSeek-V3's 7168)
+        step = routing_chunk_tokens(hidden.shape[1])
+        if topk_ids.shape[0] <= step:
+            return self._experts(hidden, topk_weights, topk_ids, w13, w2)
+        return torch.cat([self._experts(hidden[t:t + step], topk_weights[t:t + step], topk_ids[t:t + step], w13, w2)
+                          for t in range(0, topk_ids.shape[0], step)])
+
+    def _experts(self, hidden, topk_weights, topk_ids, w13, w2):
         npu = _npu()
         tokens, k = topk_ids.shape
-        if tokens == 0:
-            return hidden.new_zeros(0, hidden.shape[1])
         ids32 = topk_ids.to(torch.int32).contiguous()
         row_idx = routing_row_idx(tokens, k).to(hidden.device)
         x = hidden.to(w13.dtype).contiguous()
