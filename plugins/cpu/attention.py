@@ -144,11 +144,14 @@ class CpuMLAAttention(ReferenceMLAAttention):
         if self._decode_split[0] is not meta:  # a caller that skipped prepare
             self.prepare(meta)
         flat = cache.view(-1, cache.shape[-1])
-        flat.index_copy_(0, meta.out_cache_loc, latent.to(flat.dtype))  # an unscaled cache of the compute dtype
-        q = torch.cat([q_latent, q_pe], dim=-1).to(flat.dtype)
-        out = self.kernels.mla_decode(q, flat, meta.page_table, meta.seq_lens, meta.page_size,
-                                      self.spec.kv_lora_rank, self.spec.scale, self._decode_split[1], self.isa)
-        return out.to(q_latent.dtype)
+        # an unscaled cache of the compute dtype (`unsupported`): no casts in the common case, each an op
+        same = latent.dtype == flat.dtype
+        flat.index_copy_(0, meta.out_cache_loc, latent if same else latent.to(flat.dtype))
+        q = torch.cat([q_latent, q_pe], dim=-1)
+        out = self.kernels.mla_decode(q if same else q.to(flat.dtype), flat, meta.page_table, meta.seq_lens,
+                                      meta.page_size, self.spec.kv_lora_rank, self.spec.scale, self._decode_split[1],
+                                      self.isa)
+        return out if same else out.to(q_latent.dtype)
 
 
 class CpuMHAAttention(ReferenceMHAAttention):

@@ -51,7 +51,8 @@ class CpuRoutedMoE(ReferenceMoE):
         if s.scoring_func not in _SCORING or s.topk_method not in _TOPK_METHODS:
             return super().select_experts(router_logits, correction_bias)  # it names what is unknown
         bias = correction_bias if correction_bias is not None else torch.empty(0)
-        weights, ids = self.kernels.route(router_logits.float(), bias, _SCORING[s.scoring_func],
+        logits = router_logits if router_logits.dtype == torch.float32 else router_logits.float()
+        weights, ids = self.kernels.route(logits, bias, _SCORING[s.scoring_func],
                                           _TOPK_METHODS[s.topk_method], s.n_group, s.topk_group, s.top_k,
                                           s.norm_topk_prob, s.routed_scaling_factor)
         return weights, ids
