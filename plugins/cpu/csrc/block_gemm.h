@@ -226,8 +226,11 @@ inline void block_gemm2(Isa isa, int64_t rows, const T* x, int64_t ldx, const T*
                         float* out0, float* out1, int64_t ldo) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (isa == kAvx512Bf16) {
-      for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-        const int64_t kc = std::min(kChunkK, K - k0);
+      // one tile of rows needs no K chunks (they keep a block in L1 between tiles): one pass, the
+      // accumulators in registers throughout
+      const int64_t chunk = rows <= kMaxRows ? K : kChunkK;
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t kc = std::min(chunk, K - k0);
         for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
           const int n = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
           block2_tile<kMaxRows>(n, x + m0 * ldx + k0, ldx, w0 + k0 * kBlockN, w1 + k0 * kBlockN, kc,
