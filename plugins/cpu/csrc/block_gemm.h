@@ -28,6 +28,13 @@ enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 
 inline float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
+// float -> bfloat16 bits, rounded to nearest even with NaN kept a quiet NaN (c10's rule), written
+// branch-free so that loops over it vectorize
+inline uint16_t bf16_bits(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  return static_cast<uint16_t>(v != v ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // ------------------------------------------------------------------------------ bfloat16 weights
 
 template <int ROWS>

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "block_gemm.h"
+
 namespace dsserve_cpu {
 namespace {
 
@@ -26,11 +28,8 @@ inline float load(const at::BFloat16* p, int64_t i) {
 }
 
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-// round to nearest even, NaN kept a (quiet) NaN: c10's rule, written branch-free so that it vectorizes
 inline void store(at::BFloat16* p, int64_t i, float v) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  const uint16_t bits = bf16_bits(v);
   std::memcpy(p + i, &bits, 2);
 }
 

@@ -105,11 +105,6 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline uint32_t bf16_bits(float v) {  // round to nearest even (probabilities: finite, >= 0)
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
-
 // o[j * 16 .. +16] (NJ vectors of 16 latent columns) = o * keep + sum over token pairs of
 // (p[2i], p[2i+1]) . (rows 2i, 2i+1 of the block, interleaved: rp[i][l][2]).
 template <int NJ>
@@ -198,7 +193,7 @@ __attribute__((target("avx512f,avx512bf16"))) void item_dpbf16(const at::BFloat1
       _mm512_store_ps(keep, kv);
       for (int64_t h = 0; h < kHeads && g * kHeads + h < H; ++h) {
         for (int64_t i = 0; i < npairs; ++i)
-          pairs[i] = static_cast<int32_t>(bf16_bits(probs[2 * i][h]) | bf16_bits(probs[2 * i + 1][h]) << 16);
+          pairs[i] = static_cast<int32_t>(bf16_bits(probs[2 * i][h]) | static_cast<uint32_t>(bf16_bits(probs[2 * i + 1][h])) << 16);
         float* o = part.acc.data() + (g * kHeads + h) * L;
         int64_t l = 0;
         for (; l + 128 <= L; l += 128) weighted_sum<8>(o + l, keep[h], pairs, npairs, rp.data() + l * 2, L);
