@@ -17,13 +17,26 @@ import pytest
 SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024, "gfx90a": 64 * 1024, "gfx942": 64 * 1024}
 
 
+def _compile(kernel, signature: dict, constexprs: dict, arch: int | str, options: dict) -> dict:
+    """Compile `kernel` for a CUDA compute capability (int) or an AMD gfx arch (str): whether it
+    compiled, and its shared memory or the compiler's error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("hip", arch, 64) if isinstance(arch, str) else GPUTarget("cuda", arch, 32)
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+    except Exception as exc:  # noqa: BLE001 -- what the compiler says is the result
+        return {"ok": False, "error": str(exc)[-400:]}
+    return {"ok": True, "shared": compiled.metadata.shared}
+
+
 def _compile_fp8_gemm(arch: int, operand: str, upcast: bool) -> dict:
     """The block-FP8 GEMM as `fp8_block_gemm` launches it on a GPU (DeepSeek-V3's 128x128 blocks, a
     prefill tile, bf16 out), with 8-bit operands typed `operand` ("u8": their bytes)."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from dsserve.plugins.triton_kernels.fp8_gemm import UPCAST_SCALE, _fp8_block_gemm
 
@@ -32,22 +45,12 @@ def _compile_fp8_gemm(arch: int, operand: str, upcast: bool) -> dict:
                  "stride_bn": "i32", "stride_bsn": "i32", "stride_cm": "i32"}
     constexprs = {"SCALE_BN": 128, "BLOCK_K": 128, "BLOCK_M": 64, "BLOCK_N": 128, "UPCAST": upcast,
                   "DOT_SCALE": UPCAST_SCALE[torch.float8_e4m3fn] if upcast else 1.0, "HAS_BIAS": False}
-    signature.update({name: "constexpr" for name in constexprs})
-    try:
-        kernel = triton.compile(ASTSource(_fp8_block_gemm, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": 4, "num_stages": 3})
-    except Exception as exc:  # noqa: BLE001 -- what the compiler says is the result
-        return {"ok": False, "error": str(exc)[-400:]}
-    return {"ok": True, "shared": kernel.metadata.shared}
+    return _compile(_fp8_block_gemm, signature, constexprs, arch, {"num_warps": 4, "num_stages": 3})
 
 
 def _compile_moe_w13(arch: int | str, fp8: bool) -> dict:
     """The fused MoE's gate/up kernel at the configuration `fused_moe` picks for more than 64 (token,
     expert) pairs on a GPU (the largest tiles), bf16 or FP8 through the byte upcast."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from dsserve.plugins.triton_kernels.fused_moe import _config, _moe_gemm_w13_silu
 
     cfg = _config(1024, on_gpu=True)
@@ -59,14 +62,8 @@ def _compile_moe_w13(arch: int | str, fp8: bool) -> dict:
     constexprs = {"TOP_K": 8, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                   "BLOCK_K": 128 if fp8 else cfg["BLOCK_K"], "PRECISION": None, "FP8": fp8,
                   "SCALE_BN": 128 if fp8 else 1, "UPCAST": fp8, "DOT_SCALE": 2.0 ** 16 if fp8 else 1.0}
-    signature.update({name: "constexpr" for name in constexprs})
-    target = GPUTarget("hip", arch, 64) if isinstance(arch, str) else GPUTarget("cuda", arch, 32)
-    try:
-        kernel = triton.compile(ASTSource(_moe_gemm_w13_silu, signature, constexprs), target=target,
-                                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    except Exception as exc:  # noqa: BLE001 -- what the compiler says is the result
-        return {"ok": False, "error": str(exc)[-400:]}
-    return {"ok": True, "shared": kernel.metadata.shared}
+    return _compile(_moe_gemm_w13_silu, signature, constexprs, arch,
+                    {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
 
 CASES = {"sm80-bytes-upcast": (_compile_fp8_gemm, 80, "u8", True),
