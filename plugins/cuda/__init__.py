@@ -2,19 +2,26 @@
 
 What it provides:
 * the `cuda` device, and when it is unusable, why (driver, CPU-only torch, no GPU visible);
-* attention: MLA decode by FlashMLA when `flash_mla` is importable, the GPU is Hopper (sm_90) and the
-  spec fits it (bfloat16/float16 cache, 512+64 latent, page size 64); otherwise, and for extend,
-  the shared Triton kernels (`dsserve.plugins.triton_kernels`); MHA/GQA by the Triton kernels;
+* which GPUs, dtypes and formats the Triton kernels serve: the claims table of ../gpu.py (sm_80 for
+  compute capability 8.x, sm_90 for 9.x; bfloat16/float16; docs/gpu.md); anything else goes to the
+  reference (float32, Blackwell and older GPUs included);
+* attention: MLA decode by FlashMLA when `flash_mla` is importable, the claims table lists it for the
+  GPU (sm_90) and the spec fits it (bfloat16/float16 cache, 512+64 latent, page size 64); otherwise,
+  and for extend, the shared Triton kernels (`dsserve.plugins.triton_kernels`); MHA/GQA by the
+  Triton kernels;
 * MoE: the Triton fused-MoE kernel (unquantized and FP8 block-scaled experts, W8A8 like the linears;
   other formats by the reference); routing by the reference's torch ops;
-* linear: FP8 block-scaled GEMMs by DeepGEMM when `deep_gemm` is importable, the GPU is sm_90 and the
-  call is bfloat16 with 128x128 blocks; otherwise the Triton FP8 kernel. Unquantized GEMMs are left
-  to the reference (`F.linear`, i.e. cuBLAS);
+* linear: FP8 block-scaled GEMMs by DeepGEMM when `deep_gemm` is importable, the claims table lists
+  it for the GPU (sm_90) and the call is bfloat16 with 128x128 blocks; otherwise the Triton FP8
+  kernel (8-bit operands into tl.dot on sm_90, their bytes widened to float16 on sm_80, as the table
+  says). Unquantized GEMMs are left to the reference (`F.linear`, i.e. cuBLAS);
 * collectives: the reference `TorchDistributedCommunicator` over torch.distributed's NCCL groups.
 Which accelerated library is used, or why it is not, is logged once per choice.
 
 Verification: the Triton kernels pass their tests in Triton's interpreter on CPU
-(tests/test_triton_kernels.py); NOTHING in this plugin has run on an NVIDIA GPU yet, and the
+(tests/test_triton_kernels.py), and every launch the table claims compiles for sm_80 and sm_90 within
+their shared memory and without register spills (tests/test_triton_aot.py, Triton's compiler without
+a GPU); NOTHING in this plugin has run on an NVIDIA GPU yet, and the
 FlashMLA / DeepGEMM paths (flashmla.py, deepgemm.py) are written from those libraries' documented
 APIs only. A spec the kernels do not handle is answered None, so the reference serves it.
 
@@ -40,7 +47,16 @@ from dsserve.core.backends import (
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.reference import torch_communicator
 
-from ..gpu import TorchGpuDevice, say_once, triton_attention, triton_kernels, triton_moe
+from ..gpu import (
+    Claim,
+    TorchGpuDevice,
+    claim_problem,
+    library_problem,
+    say_once,
+    triton_attention,
+    triton_kernels,
+    triton_moe,
+)
 
 __all__ = ["CudaDevice"]
 
@@ -78,10 +94,6 @@ def dsserve_devices() -> list[Device]:
 # ------------------------------------------------------------------------------------ backend hooks
 
 
-def _capability() -> tuple[int, int]:
-    return torch.cuda.get_device_capability(torch.cuda.current_device())
-
-
 def _flashmla_unusable(spec: AttentionSpec) -> str | None:
     from .flashmla import unsupported
 
@@ -90,18 +102,15 @@ def _flashmla_unusable(spec: AttentionSpec) -> str | None:
         return reason
     if importlib.util.find_spec("flash_mla") is None:
         return "flash_mla is not installed"
-    major, minor = _capability()
-    if major != 9:
-        return f"the GPU is sm_{major}{minor}; FlashMLA is used on Hopper (sm_90)"
-    return None
+    return library_problem("flash_mla")
 
 
 def _deepgemm_unusable(spec: LinearSpec) -> str | None:
     if importlib.util.find_spec("deep_gemm") is None:
         return "deep_gemm is not installed"
-    major, minor = _capability()
-    if major != 9:
-        return f"the GPU is sm_{major}{minor}; DeepGEMM's float32-scale FP8 GEMM is used on Hopper (sm_90)"
+    reason = library_problem("deep_gemm")
+    if reason:
+        return reason
     if spec.weight_block_size not in (None, (128, 128)):
         return f"weight block {spec.weight_block_size}"
     return None
@@ -135,6 +144,10 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
         return None  # unquantized GEMMs: the reference's F.linear is cuBLAS already
     kernels = triton_kernels(DEVICE_NAME)
     if kernels is None or not kernels.Fp8BlockLinear.supports(spec):
+        return None
+    unclaimed = claim_problem(Claim("linear", spec.dtype, "fp8_block"))
+    if unclaimed:
+        say_once(f"cuda: FP8 block GEMMs by the torch reference ({unclaimed})")
         return None
     reason = _deepgemm_unusable(spec)
     if reason is None:

@@ -2,21 +2,26 @@
 
 What it provides:
 * the `rocm` device, and when it is unusable, why;
+* which GPUs, dtypes and formats the Triton kernels serve: the claims table of ../gpu.py (gfx90a,
+  MI200; gfx942 for gfx94x, MI300; bfloat16/float16; docs/gpu.md); anything else goes to the
+  reference (float32, gfx950, RDNA and older Instinct GPUs included);
 * attention (MLA decode and extend, MHA/GQA decode and extend) and MoE experts (unquantized and FP8
   block-scaled; FP8 experts are converted to e4m3fnuz on gfx94x as the linears are) by the Triton
   kernels shared with cuda (`dsserve.plugins.triton_kernels`); routing by the reference's torch ops;
 * linear: FP8 block-scaled GEMMs by the same Triton kernel. On MI300-series GPUs (gfx94x), whose
   8-bit float is e4m3fnuz, the e4m3fn checkpoint weights are converted after loading (same bytes,
   0x80 -> 0, scales doubled, as AMD documents; see fp8.py) and activations are quantized to
-  e4m3fnuz; other archs keep e4m3fn. Unquantized GEMMs are left to the reference (`F.linear`,
+  e4m3fnuz; gfx90a keeps e4m3fn and widens the bytes to float16 in the kernel. Unquantized GEMMs are left to the reference (`F.linear`,
   i.e. hipBLASLt);
 * collectives: the reference `TorchDistributedCommunicator` over torch.distributed's "nccl" groups,
   which HIP builds of torch implement with RCCL.
 
 Verification: the Triton kernels pass their tests in Triton's interpreter on CPU, e4m3fnuz GEMM
 included, and the fnuz conversion is checked bit for bit against the e4m3fn values
-(tests/test_triton_kernels.py); NOTHING here has run on an AMD GPU yet. A spec the kernels do not
-handle is answered None, so the reference serves it.
+(tests/test_triton_kernels.py), and every launch the table claims compiles for gfx90a and gfx942
+within their 64 KiB of LDS and without register spills (tests/test_triton_aot.py, Triton's compiler
+without a GPU); NOTHING here has run on an AMD GPU yet. A spec the kernels do not handle is answered
+None, so the reference serves it.
 
 On HIP builds torch keeps the "cuda" device type and API (torch.cuda.*). Importing this module
 imports nothing beyond torch; triton is imported inside the hooks, for the rocm device only.
@@ -38,7 +43,16 @@ from dsserve.core.backends import (
 from dsserve.core.hookspecs import hookimpl
 from dsserve.core.reference import torch_communicator
 
-from ..gpu import TorchGpuDevice, say_once, triton_attention, triton_kernels, triton_moe
+from ..gpu import (
+    Claim,
+    TorchGpuDevice,
+    claim_problem,
+    device_arch,
+    say_once,
+    triton_attention,
+    triton_kernels,
+    triton_moe,
+)
 
 __all__ = ["RocmDevice"]
 
@@ -69,7 +83,7 @@ class RocmDevice(TorchGpuDevice):
         if not ok:
             return f"rocm: unavailable: {reason}"
         index = torch.cuda.current_device()
-        arch = _arch().split(":")[0]
+        arch = device_arch()
         arch = f" ({arch})" if arch else ""
         return (f"rocm: {torch.cuda.get_device_name(index)}{arch}, {torch.cuda.device_count()} visible, "
                 f"HIP {torch.version.hip}; bfloat16")
@@ -81,11 +95,6 @@ def dsserve_devices() -> list[Device]:
 
 
 # ------------------------------------------------------------------------------------ backend hooks
-
-
-def _arch() -> str:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "gcnArchName", "")
 
 
 @hookimpl
@@ -105,15 +114,19 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
     kernels = triton_kernels(DEVICE_NAME)
     if kernels is None or not kernels.Fp8BlockLinear.supports(spec):
         return None
+    unclaimed = claim_problem(Claim("linear", spec.dtype, "fp8_block"))
+    if unclaimed:
+        say_once(f"rocm: FP8 block GEMMs by the torch reference ({unclaimed})")
+        return None
     from .fp8 import uses_fnuz
 
-    arch = _arch()
-    if uses_fnuz(arch):
+    arch = device_arch()
+    if arch and uses_fnuz(arch):
         from .fp8_linear import Fp8BlockLinearFnuz
 
-        say_once(f"rocm: FP8 block GEMMs by the Triton kernel in e4m3fnuz ({arch.split(':')[0]})")
+        say_once(f"rocm: FP8 block GEMMs by the Triton kernel in e4m3fnuz ({arch})")
         return Fp8BlockLinearFnuz(spec)
-    say_once(f"rocm: FP8 block GEMMs by the Triton kernel in e4m3fn ({arch.split(':')[0] or 'unknown arch'})")
+    say_once(f"rocm: FP8 block GEMMs by the Triton kernel in e4m3fn ({arch or 'no GPU visible'})")
     return kernels.Fp8BlockLinear(spec)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-FNUZ_ARCHS = ("gfx94",)  # MI300A/MI300X/MI325X (gfx942); gfx950 (MI350) uses OCP e4m3fn
+from ..gpu import target_of
 
 
 def e4m3fn_to_e4m3fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,5 +24,7 @@ def e4m3fn_to_e4m3fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch
 
 
 def uses_fnuz(arch: str) -> bool:
-    """Whether a gcnArchName (e.g. "gfx942:sramecc+:xnack-") computes in e4m3fnuz."""
-    return arch.split(":")[0].startswith(FNUZ_ARCHS)
+    """Whether a gcnArchName (e.g. "gfx942:sramecc+:xnack-") computes in e4m3fnuz, by the claims table
+    (MI300A/MI300X/MI325X; gfx950, MI350, uses OCP e4m3fn and is not a claimed target)."""
+    target = target_of(arch)
+    return target is not None and target.fp8_dtype == torch.float8_e4m3fnuz

@@ -21,8 +21,13 @@ Verification: tests/test_triton_kernels.py runs every kernel in Triton's interpr
 (TRITON_INTERPRET=1, CPU tensors, float32 and float16) against the core's references, and runs
 dsserve-tiny on the attention and MoE kernels to the reference's exact greedy tokens. On real GPUs
 they are UNTESTED and untuned: block sizes, warps and stages are reasonable defaults, not measured,
-and GPU-only behaviour (tf32/fp8 tensor-core paths, register pressure at kv_lora_rank 512, AMD's
-backend) has not been exercised.
+and GPU-only behaviour (tf32/fp8 tensor-core paths, AMD's backend) has not been exercised. What is
+checked without a GPU: tests/test_triton_aot.py compiles every launch the cuda and rocm plugins claim
+(the table in ../gpu.py) for sm_80, sm_90, gfx90a and gfx942 with Triton's own compiler, at the
+configurations the launchers pick for DeepSeek and R1-Distill shapes, and fails on a compile error,
+shared memory (LDS) past the target's, or a register spill (docs/gpu.md has the numbers).
+`fp8_block_gemm`, `fused_moe` and `mha_extend_attention` pick their tiles, warps and stages per
+target (their `target` argument; default: the tensors' device's).
 
 Importing this package imports triton.
 """

@@ -7,11 +7,12 @@ core's `ReferenceFp8BlockLinear`, so both see identical 8-bit inputs); each prog
 BLOCK_M x BLOCK_N output tile and walks K one scale group at a time (BLOCK_K = bk), taking the
 group's partial product in float32 from tl.dot and multiplying both scales in before accumulating.
 
-`upcast` selects how the 8-bit operands reach tl.dot: natively (GPUs with 8-bit float MMA: NVIDIA
-sm89+, AMD MI300) or as their raw bytes widened to float16 by integer ops (`e4m3_bytes_to_f16`),
-which is exact (every e4m3 value is a float16 value) and names no 8-bit float type in the kernel:
-Triton refuses fp8e4nv pointers below sm_89, so an upcast that converted loaded e4m3 values would
-not compile on A100/A10 (checked by compiling for sm_80 in the tests). The interpreter runs both.
+`upcast` selects how the 8-bit operands reach tl.dot: natively (GPUs with 8-bit float MMA; the
+claims table in ../gpu.py says which: sm_90, gfx942) or as their raw bytes widened to float16 by
+integer ops (`e4m3_bytes_to_f16`), which is exact (every e4m3 value is a float16 value) and names no
+8-bit float type in the kernel: Triton refuses fp8e4nv pointers below sm_89, so an upcast that
+converted loaded e4m3 values would not compile on A100/A10 (checked by compiling for sm_80 in
+tests/test_triton_aot.py). The interpreter runs both.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton.language as tl
 from dsserve.core.backends import LinearSpec
 from dsserve.core.quant import quantize_per_token_group, weight_format
 from dsserve.core.reference import QuantizedWeights
+from dsserve.plugins.gpu import GpuTarget, device_target
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 # `e4m3_bytes_to_f16` yields value * 2^(e4m3 bias - float16 bias): 2^-8 for e4m3fn (bias 7), 2^-7 for
@@ -80,6 +82,18 @@ def _fp8_block_gemm(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+def gemm_config(m: int, bn: int, target: GpuTarget | None, upcast: bool) -> dict:
+    """Output tile (rows by the number of tokens m, columns by the weight-scale block bn), warps and
+    pipeline stages of the GEMM on `target` (None: the interpreter, which takes no warps or stages),
+    8-bit operands widened in the kernel or not (`upcast`)."""
+    cfg = {"BLOCK_M": 16 if m <= 16 else (32 if m <= 64 else 64),
+           "BLOCK_N": min(128, max(16, triton.next_power_of_2(bn)))}
+    if target is not None:
+        # both operand tiles widened to float16 in registers: 4 warps spill at 64 rows on sm_80
+        cfg.update(num_warps=8 if upcast and cfg["BLOCK_M"] == 64 else 4, num_stages=3)
+    return cfg
+
+
 def fp8_block_gemm(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -91,11 +105,11 @@ def fp8_block_gemm(
     bias: torch.Tensor | None = None,
     upcast: bool = False,
     out: torch.Tensor | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    target: GpuTarget | None = None,
 ) -> torch.Tensor:
     """xq [M, >=K] 8-bit with x_scale [M, ceil(K/bk)] float32; weight [N, K] 8-bit with weight_scale
-    [ceil(N/bn), ceil(K/bk)] float32. Returns (or fills `out`, any row stride) [M, N]."""
+    [ceil(N/bn), ceil(K/bk)] float32. Returns (or fills `out`, any row stride) [M, N].
+    target: the GPU target to configure the launch for (default: xq's device's, none on CPU)."""
     m = xq.shape[0]
     n, k = weight.shape
     bn, bk = block
@@ -109,36 +123,30 @@ def fp8_block_gemm(
                     ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
-    if block_m is None:
-        block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
-    if block_n is None:
-        block_n = min(128, max(16, triton.next_power_of_2(bn)))
     if upcast and weight.dtype not in UPCAST_SCALE:
         raise ValueError(f"the float16 upcast reads e4m3 bytes, not {weight.dtype}")
     if xq.dtype != weight.dtype:
         raise ValueError(f"activations ({xq.dtype}) and weight ({weight.dtype}) must share their 8-bit format")
-    extra = {"num_warps": 4, "num_stages": 3} if xq.is_cuda else {}
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    cfg = gemm_config(m, bn, target or device_target(xq.device), upcast)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _fp8_block_gemm[grid](
         fp8_operand(xq, upcast), x_scale, fp8_operand(weight, upcast), weight_scale, out,
         bias if bias is not None else out,
         m, n, k,
         xq.stride(0), x_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        SCALE_BN=bn, BLOCK_K=bk, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=upcast, DOT_SCALE=UPCAST_SCALE[weight.dtype] if upcast else 1.0, HAS_BIAS=bias is not None,
-        **extra,
+        SCALE_BN=bn, BLOCK_K=bk, UPCAST=upcast, DOT_SCALE=UPCAST_SCALE[weight.dtype] if upcast else 1.0,
+        HAS_BIAS=bias is not None, **cfg,
     )
     return out
 
 
 def native_fp8_dot(device: torch.device) -> bool:
-    """Whether tl.dot takes 8-bit float operands natively on this device (else they are upcast)."""
+    """Whether tl.dot takes 8-bit float operands natively on this device, by the claims table (else
+    they are upcast, which compiles on every GPU)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return True  # the interpreter computes either way; callers on CPU pick explicitly
-    if torch.version.hip:
-        arch = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")
-        return arch.startswith(("gfx94", "gfx95", "gfx12"))
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    target = device_target(device)
+    return target is not None and target.fp8_dot == "native"
 
 
 class Fp8BlockLinear(QuantizedWeights):

@@ -20,8 +20,9 @@ the hidden states once per token, the intermediate silu(gate) * up (written in f
 pair. The kernels walk K one scale group at a time (BLOCK_K = bk), as fp8_gemm.py does, multiplying
 the group's float32 partial product by the token's and the column's scale before accumulating. The
 weight scale is read per output column (its row n // bn), so bn needs no relation to BLOCK_N and a
-scale row may hold rows of both gate and up. 8-bit operands reach tl.dot natively (NVIDIA sm89+, AMD
-gfx94x/gfx95x) or, with `upcast`, as their raw bytes widened to float16 by integer ops
+scale row may hold rows of both gate and up. 8-bit operands reach tl.dot natively (where the claims
+table of ../gpu.py says so: sm_90, gfx942) or, with `upcast`, as their raw bytes widened to float16 by
+integer ops
 (`e4m3_bytes_to_f16`): exact, and no 8-bit float type enters the kernel, which Triton refuses to
 compile for e4m3fn below sm_89.
 """
@@ -33,12 +34,15 @@ import triton.language as tl
 from dsserve.core.backends import MoEBackend, MoESpec
 from dsserve.core.quant import quantize_per_token_group, weight_format
 from dsserve.core.reference import select_experts
+from dsserve.plugins.gpu import GpuTarget, device_target
 
 from .fp8_gemm import UPCAST_SCALE, e4m3_bytes_to_f16, fp8_operand, native_fp8_dot
 from .strides import last_dim_contiguous
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_PAIRS = 64 * 1024
+
+
 @triton.jit
 def _moe_gemm_w13_silu(
     X, XScale, W13, WScale, Act, SortedPairs, BlockExpert, NumPadded,
@@ -170,12 +174,23 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_pairs, block_expert, num_padded
 
 
-def _config(pairs: int, on_gpu: bool) -> dict:
-    if not on_gpu:  # the interpreter: few, large programs
+def moe_config(pairs: int, target: GpuTarget | None, upcast: bool) -> dict:
+    """Tiles, warps and stages of both GEMMs for `pairs` (token, expert) pairs on `target` (None: the
+    interpreter), FP8 operands widened in the kernel or not (`upcast`). FP8 experts take BLOCK_K = their
+    scale block instead."""
+    if target is None:  # the interpreter: few, large programs
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
     if pairs <= 64:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}
+    elif upcast:  # gate and up tiles widened to float16 in registers: 64x128 spills on sm_80
+        # 256 threads: 8 warps of 32 or 4 wavefronts of 64 (8 of those would leave gfx90a half its VGPRs)
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 256 // target.warp_size}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
+    # AMD's pipeliner keeps num_stages - 1 tiles in LDS: two of these take 72-80 KiB, past the 64 KiB
+    # of gfx90a/gfx942
+    cfg["num_stages"] = 2 if target.backend == "hip" else 3
+    return cfg
 
 
 def fused_moe(
@@ -189,6 +204,7 @@ def fused_moe(
     config: dict | None = None,
     block: tuple[int, int] = (128, 128),
     upcast: bool = False,
+    target: GpuTarget | None = None,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x) * (up_e x)), e = topk_ids[t, j].
 
@@ -200,6 +216,7 @@ def fused_moe(
     [E, ceil(H/bn), ceil(I/bk)]); both GEMMs' inputs are quantized per token per bk features to the
     weights' 8-bit type. `upcast`: widen the 8-bit operands to float16 inside the kernels (GPUs
     without an 8-bit float tl.dot) instead of multiplying them natively.
+    target: the GPU target to configure the launches for (default: hidden's device's, none on CPU).
     """
     fp8 = isinstance(w13, dict)
     tokens, hidden_size = hidden.shape
@@ -231,12 +248,13 @@ def fused_moe(
         fp8_args = {"FP8": False, "SCALE_BN": 1, "UPCAST": False, "DOT_SCALE": 1.0}
         scale_strides = (0, 0), (0, 0)
     w13_arg, w2_arg = (fp8_operand(w13, upcast), fp8_operand(w2, upcast)) if fp8 else (w13, w2)
+    target = target or device_target(hidden.device)
     step = max(1, CHUNK_PAIRS // k)
     for t0 in range(0, tokens, step):
         t1 = min(tokens, t0 + step)
         ids = topk_ids[t0:t1]
         pairs = ids.numel()
-        cfg = dict(config or _config(pairs, hidden.is_cuda))
+        cfg = dict(config or moe_config(pairs, target, fp8 and upcast))
         block_m, block_n, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
         if fp8:
             if config and block_k != bk:
@@ -277,14 +295,11 @@ def fused_moe(
 
 
 def _fp8_dtype_for(device: torch.device) -> torch.dtype:
-    """The 8-bit float the experts compute in on `device`: e4m3fnuz on MI300-series GPUs (gfx94x, whose
-    FP8 MFMA reads only fnuz; the rocm plugin's FP8 linears convert alike), else e4m3fn as stored."""
-    if device.type == "cuda" and torch.version.hip:
-        from dsserve.plugins.rocm.fp8 import uses_fnuz
-
-        if uses_fnuz(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")):
-            return torch.float8_e4m3fnuz
-    return torch.float8_e4m3fn
+    """The 8-bit float the experts compute in on `device`, by the claims table: e4m3fnuz on MI300-series
+    GPUs (gfx94x, whose FP8 MFMA reads only fnuz; the rocm plugin's FP8 linears convert alike), else
+    e4m3fn as stored."""
+    target = device_target(device)
+    return target.fp8_dtype if target is not None else torch.float8_e4m3fn
 
 
 class TritonMoE(MoEBackend):

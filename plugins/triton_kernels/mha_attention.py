@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 from dsserve.core.backends import AttentionSpec, MHAAttentionBackend
 from dsserve.core.forward_batch import AttentionMetadata
+from dsserve.plugins.gpu import GpuTarget, device_target
 
 from .paged_attention import (
-    choose_num_splits,
+    DECODE_HEADS,
     device_sm_count,
+    num_decode_splits,
     paged_attention,
     write_cache_rows,
 )
@@ -51,7 +53,7 @@ def mha_decode_attention(
     return paged_attention(
         last_dim_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
         scale=scale, page_size=page_size, max_extend_len=1, num_splits=num_splits, out=out,
-        block_m=min(heads // kv_heads, 16), block_n=32, num_warps=4, num_stages=2,
+        block_m=min(heads // kv_heads, DECODE_HEADS), block_n=32, num_warps=4, num_stages=2,
     )
 
 
@@ -67,15 +69,20 @@ def mha_extend_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    target: GpuTarget | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed queries q [T, H, D] over prefix + new tokens, all in the pages."""
+    """Causal attention of packed queries q [T, H, D] over prefix + new tokens, all in the pages.
+    target: the GPU target to configure the launch for (default: q's device's, none on CPU)."""
+    target = target or device_target(q.device)
+    # 64 query rows against 32 keys at a time spill scalar registers (SGPRs) on gfx90a and gfx942
+    keys_per_step = 16 if target is not None and target.backend == "hip" else 32
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     k_flat = k_cache.view(-1, kv_heads, k_cache.shape[-1])
     v_flat = v_cache.view(-1, kv_heads, v_cache.shape[-1])
     return paged_attention(
         last_dim_contiguous(q), None, k_flat, None, v_flat, page_table, seq_lens, extend_lens, extend_start,
         scale=scale, page_size=page_size, max_extend_len=max_extend_len, num_splits=1, out=out,
-        block_m=64, block_n=32, num_warps=4, num_stages=2,
+        block_m=64, block_n=keys_per_step, num_warps=4, num_stages=2,
     )
 
 
@@ -121,9 +128,7 @@ class TritonMHAAttention(MHAAttentionBackend):
         if self.decode_splits is not None:
             splits = self.decode_splits
         else:
-            kv_heads = cache[0].shape[2]
-            group = q.shape[1] // kv_heads
-            splits = choose_num_splits(meta.batch_size, kv_heads * -(-group // 16), max(meta.seq_lens_cpu, default=0),
-                                       num_sms=device_sm_count(q.device))
+            splits = num_decode_splits(meta.batch_size, q.shape[1], cache[0].shape[2],
+                                       max(meta.seq_lens_cpu, default=0), num_sms=device_sm_count(q.device))
         return mha_decode_attention(q, cache[0], cache[1], meta.page_table, meta.seq_lens, self.spec.scale,
                                     num_splits=splits, extend_lens=meta.extend_lens, extend_start=meta.extend_start)

@@ -25,8 +25,9 @@ from dsserve.core.forward_batch import AttentionMetadata
 from dsserve.core.reference import ReferenceMLAAttention
 
 from .paged_attention import (
-    choose_num_splits,
+    DECODE_HEADS,
     device_sm_count,
+    num_decode_splits,
     paged_attention,
     write_cache_rows,
 )
@@ -35,6 +36,19 @@ from .strides import last_dim_contiguous
 _COMPUTE = (torch.float16, torch.bfloat16, torch.float32)
 _CACHE = _COMPUTE + (torch.float8_e4m3fn, torch.float8_e5m2)
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _keys_per_step(cache: torch.Tensor) -> int:
+    """An 8-bit cache tile is converted to the query dtype in registers, next to the 512-wide latent
+    accumulator: 32 keys at a time spill on sm_90 (e4m3), 16 on no target."""
+    return 16 if cache.element_size() == 1 else 32
+
+
+def _latent_keys(cache: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent cache [num_pages, page_size, rank + rope] as the kernel's keys: K1 [slots, 1, rank],
+    the compressed KV (also the values), and K2 [slots, 1, rope], the shared rotary key."""
+    flat = cache.view(-1, cache.shape[-1])
+    return flat[:, :rank].unsqueeze(1), flat[:, rank:].unsqueeze(1)
 
 
 def mla_decode_attention(
@@ -55,19 +69,40 @@ def mla_decode_attention(
     q_latent [B, H, rank], q_pe [B, H, rope], page_table [B, max_pages] int32, seq_lens [B] int32
     (the new token already in the cache). Returns (or fills `out`) [B, H, rank] in q_latent's dtype.
     """
-    batch, _, rank = q_latent.shape
-    page_size = cache.shape[1]
-    flat = cache.view(-1, cache.shape[-1])
-    k1 = flat[:, :rank].unsqueeze(1)  # [slots, 1, rank]: the compressed KV, also the values
-    k2 = flat[:, rank:].unsqueeze(1)  # [slots, 1, rope]: the shared rotary key
+    batch, heads, rank = q_latent.shape
+    k1, k2 = _latent_keys(cache, rank)
     if extend_lens is None or extend_start is None:  # a decode pass's: all ones, 0 .. B-1
         extend_lens = torch.ones(batch, dtype=torch.int32, device=q_latent.device)
         extend_start = torch.arange(batch, dtype=torch.int32, device=q_latent.device)
     return paged_attention(
         last_dim_contiguous(q_latent), last_dim_contiguous(q_pe), k1, k2, None,
         page_table, seq_lens, extend_lens, extend_start,
-        scale=scale, page_size=page_size, max_extend_len=1, num_splits=num_splits, out=out,
-        block_m=min(q_latent.shape[1], 16), block_n=32, num_warps=4, num_stages=2,
+        scale=scale, page_size=cache.shape[1], max_extend_len=1, num_splits=num_splits, out=out,
+        block_m=min(heads, DECODE_HEADS), block_n=_keys_per_step(cache), num_warps=4, num_stages=2,
+    )
+
+
+def mla_extend_attention(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_start: torch.Tensor,
+    max_extend_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal latent attention of packed absorbed queries q_latent [T, H, rank] (q_pe [T, H, rope])
+    over prefix + new tokens, all in the latent cache. Returns (or fills `out`) [T, H, rank]."""
+    k1, k2 = _latent_keys(cache, q_latent.shape[-1])
+    return paged_attention(
+        last_dim_contiguous(q_latent), last_dim_contiguous(q_pe), k1, k2, None,
+        page_table, seq_lens, extend_lens, extend_start,
+        scale=scale, page_size=cache.shape[1], max_extend_len=max_extend_len, num_splits=1, out=out,
+        block_m=16, block_n=_keys_per_step(cache), num_warps=4, num_stages=1,
     )
 
 
@@ -109,7 +144,7 @@ class TritonMLAAttention(MLAAttentionBackend):
     def _num_splits(self, meta: AttentionMetadata, device: torch.device, heads: int) -> int:
         if self.decode_splits is not None:
             return self.decode_splits
-        return choose_num_splits(meta.batch_size, -(-heads // 16), max(meta.seq_lens_cpu, default=0),
+        return num_decode_splits(meta.batch_size, heads, 1, max(meta.seq_lens_cpu, default=0),
                                  num_sms=device_sm_count(device))
 
     # The kernel reads the cache as stored (an 8-bit float tile is upcast to the query's dtype in
@@ -129,22 +164,15 @@ class TritonMLAAttention(MLAAttentionBackend):
         if max(meta.extend_lens_cpu, default=0) > self.absorb_extend_max_tokens:
             return self._expanded.forward_extend(q_nope, q_pe, latent, cache, meta, w_kc, w_vc)
         s = self.spec
-        rank = s.kv_lora_rank
-        flat = cache.view(-1, cache.shape[-1])
-        write_cache_rows(flat, meta.out_cache_loc, latent, s.kv_scale)
+        write_cache_rows(cache.view(-1, cache.shape[-1]), meta.out_cache_loc, latent, s.kv_scale)
         dtype = q_nope.dtype
         cd = torch.float32 if dtype in _HALF else dtype
         # Absorb w_kc into the query: q_latent[t, h] = q_nope[t, h] @ w_kc[h].
         q_lat = torch.bmm(q_nope.transpose(0, 1).to(cd), w_kc.to(cd)).transpose(0, 1).to(dtype)
         # The latent output stays in float32 until w_vc is applied.
-        o_lat = torch.empty(q_nope.shape[0], q_nope.shape[1], rank, dtype=cd, device=q_nope.device)
-        paged_attention(
-            q_lat, last_dim_contiguous(q_pe), flat[:, :rank].unsqueeze(1), flat[:, rank:].unsqueeze(1), None,
-            meta.page_table, meta.seq_lens, meta.extend_lens, meta.extend_start,
-            scale=s.scale * s.kv_scale, page_size=meta.page_size,
-            max_extend_len=max(meta.extend_lens_cpu, default=0), num_splits=1, out=o_lat,
-            block_m=16, block_n=32, num_warps=4, num_stages=1,
-        )
+        o_lat = torch.empty(q_nope.shape[0], q_nope.shape[1], s.kv_lora_rank, dtype=cd, device=q_nope.device)
+        mla_extend_attention(q_lat, q_pe, cache, meta.page_table, meta.seq_lens, meta.extend_lens, meta.extend_start,
+                             max(meta.extend_lens_cpu, default=0), s.scale * s.kv_scale, out=o_lat)
         if s.kv_scale != 1.0:  # as in decode
             o_lat.mul_(s.kv_scale)
         return torch.bmm(o_lat.transpose(0, 1), w_vc.to(cd)).transpose(0, 1).to(dtype)

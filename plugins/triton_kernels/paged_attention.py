@@ -28,6 +28,8 @@ import triton.language as tl
 from dsserve.core.reference import write_cache
 
 LOG2E = 1.4426950408889634
+#: query heads (of one KV head) per decode program: the rows of its tl.dot, one token each
+DECODE_HEADS = 16
 
 
 @triton.jit
@@ -281,6 +283,12 @@ def choose_num_splits(batch: int, head_programs: int, longest: int, *, num_sms: 
     want = math.ceil(2 * num_sms / max(1, batch * head_programs))
     cap = math.ceil(longest / min_tokens_per_split)
     return max(1, min(max_splits, want, cap))
+
+
+def num_decode_splits(batch: int, heads: int, kv_heads: int, longest: int, *, num_sms: int | None) -> int:
+    """`choose_num_splits` for a decode pass whose programs take DECODE_HEADS query heads each."""
+    head_programs = kv_heads * triton.cdiv(heads // kv_heads, DECODE_HEADS)
+    return choose_num_splits(batch, head_programs, longest, num_sms=num_sms)
 
 
 def device_sm_count(device: torch.device) -> int | None:
