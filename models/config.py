@@ -4,10 +4,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
     """config.json is missing, unreadable or describes an unsupported model."""
+
+
+# The config.json fields the graph's sizes come from, with the least value each may take. A string,
+# a float or a 0 there would crash deep inside torch (or build an empty model) with no word of the field.
+_SIZE_FIELDS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1,
+    # MLA
+    "q_lora_rank": 1, "kv_lora_rank": 1, "qk_nope_head_dim": 1, "qk_rope_head_dim": 1, "v_head_dim": 1,
+    # MoE (0: no routed experts)
+    "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": 0, "moe_intermediate_size": 0,
+    "first_k_dense_replace": 0, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 0,
+}
+# The sizes read without a default; the others may be absent or null.
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_REQUIRED_MLA_SIZES = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 @dataclass
@@ -85,6 +104,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ValueError(f"must hold a JSON object {{...}}, got {_json_kind(raw)}")
+        _check_fields(raw)
         archs = raw.get("architectures") or []
         if not archs:
             raise ValueError("no 'architectures' entry")
@@ -101,7 +123,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         is_v3 = model_type == "deepseek_v3"
         mla = {}
-        if model_type in ("deepseek_v2", "deepseek_v3"):
+        if model_type in _MLA_MODEL_TYPES:
             mla = dict(
                 q_lora_rank=raw.get("q_lora_rank"),
                 kv_lora_rank=raw["kv_lora_rank"],
@@ -148,3 +170,31 @@ class ModelConfig:
             raw=raw,
             **mla,
         )
+
+
+def _check_fields(raw: dict[str, Any]) -> None:
+    """Refuse, naming the field, a size that is missing, not an integer or too small, and a
+    non-numeric float field."""
+    required = _REQUIRED_SIZES + (_REQUIRED_MLA_SIZES if raw.get("model_type") in _MLA_MODEL_TYPES else ())
+    for key, least in _SIZE_FIELDS.items():
+        value = raw.get(key)
+        if value is None:
+            if key in required:
+                raise ValueError(f"field '{key}' is required (missing or null)")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"field '{key}' must be an integer, got {_json_kind(value)} {json.dumps(value)}")
+        if value < least:
+            raise ValueError(f"field '{key}' must be >= {least}, got {value}")
+    for key in _NUMBER_FIELDS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"field '{key}' must be a number, got {_json_kind(value)} {json.dumps(value)}")
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, as its reader would say it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")

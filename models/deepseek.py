@@ -57,7 +57,7 @@ class MLAttention(CheckpointModule):
         self.backend = ctx.attention_backend(AttentionSpec(
             kind="mla", num_heads=self.heads, num_kv_heads=1, head_dim=qk_dim, v_head_dim=self.v_dim,
             scale=yarn_softmax_scale(cfg.rope_scaling, qk_dim), dtype=ctx.cache_dtype, page_size=ctx.page_size,
-            kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=self.rope_dim,
+            kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=self.rope_dim, batch_invariant=ctx.batch_invariant,
         ))
         self.w_kc = self.w_vc = None
 
@@ -123,16 +123,20 @@ class DeepseekMoE(CheckpointModule):
         return out
 
 
+def deepseek_decoder_layer(cfg: ModelConfig, ctx: LayerContext, rope: RotaryEmbedding, layer: int) -> DecoderLayer:
+    """The checkpoint's layer `layer`: MLA, then MoE or a dense MLP where the config puts them. The MTP
+    layers (models/mtp.py), stored after the last decoder layer, are built by it too."""
+    mlp = DeepseekMoE(cfg, ctx) if cfg.is_moe_layer(layer) else GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx)
+    return DecoderLayer(MLAttention(cfg, ctx, rope), mlp, cfg, ctx)
+
+
 class DeepseekV2ForCausalLM(DecoderOnlyLM):
     def __init__(self, cfg: ModelConfig, ctx: LayerContext):
         max_pos = max(cfg.max_position_embeddings, 1)
         rope = RotaryEmbedding(cfg.qk_rope_head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling,
                                interleaved=cfg.rope_interleave, ctx=ctx)
-        super().__init__(cfg, ctx, lambda i: DecoderLayer(
-            MLAttention(cfg, ctx, rope),
-            DeepseekMoE(cfg, ctx) if cfg.is_moe_layer(i) else GatedMLP(cfg.hidden_size, cfg.intermediate_size, ctx),
-            cfg, ctx))
-        self.rope = rope
+        super().__init__(cfg, ctx, lambda i: deepseek_decoder_layer(cfg, ctx, rope, i))
+        self.rope = rope  # shared by every layer, the MTP layer's included
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

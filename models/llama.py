@@ -44,7 +44,7 @@ class GQAttention(CheckpointModule):
                              parallel="row")
         self.backend = ctx.attention_backend(AttentionSpec(
             kind="mha", num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=d, v_head_dim=d,
-            scale=d ** -0.5, dtype=ctx.cache_dtype, page_size=ctx.page_size,
+            scale=d ** -0.5, dtype=ctx.cache_dtype, page_size=ctx.page_size, batch_invariant=ctx.batch_invariant,
         ))
 
     def load_targets(self) -> dict[str, LoadTarget]:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,7 +21,7 @@ from dsserve.core.quant import QuantConfig
 from dsserve.models.config import ConfigError, ModelConfig
 
 from .deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from .layers import DecoderOnlyLM, LayerContext, RoutedExperts
+from .layers import CheckpointModule, DecoderOnlyLM, LayerContext, RoutedExperts
 from .layers.checkpoint import ANOTHER_RANK
 from .llama import LlamaForCausalLM, Qwen2ForCausalLM
 
@@ -37,6 +41,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Stored tensors of the quantized formats (dsserve.core.quant): counted as stored, never cast.
 QUANTIZED_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".qweight", ".qzeros", ".scales")
 _SAFETENSORS_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4, "F32": 4, "F16": 2, "BF16": 2}
+ModuleT = TypeVar("ModuleT", bound=CheckpointModule)
 
 
 class CheckpointError(RuntimeError):
@@ -157,7 +162,9 @@ def weight_bytes(folder: Path, files: dict[str, list[str]], cfg: ModelConfig, dt
     return total
 
 
-def build_model(folder: Path, cfg: ModelConfig, ctx: LayerContext) -> DecoderOnlyLM:
+def build_model(folder: Path, cfg: ModelConfig, ctx: LayerContext, allow_nonfinite: bool = False) -> DecoderOnlyLM:
+    """The model of `cfg` filled from `folder`'s weights; a weight holding NaN or inf is refused unless
+    `allow_nonfinite` (--allow-nonfinite-weights)."""
     files = checkpoint_files(folder)
     need = weight_bytes(folder, files, cfg, ctx.dtype) // max(ctx.tp_size, 1)
     free, _ = ctx.device.memory_info()
@@ -166,31 +173,42 @@ def build_model(folder: Path, cfg: ModelConfig, ctx: LayerContext) -> DecoderOnl
             f"{folder}: the weights need {need / 2**30:.2f} GiB in {str(ctx.dtype).removeprefix('torch.')} "
             f"per rank but only {free / 2**30:.2f} GiB is free on {ctx.device.name}"
         )
-    try:
-        with torch.no_grad():
-            model = ARCHITECTURES[cfg.architecture](cfg, ctx)
-    except ValueError as e:  # the layers refuse sizes they cannot shard or split (one line each)
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-    load_weights(model, folder, files, cfg, ctx)
+    model = construct(folder, lambda: ARCHITECTURES[cfg.architecture](cfg, ctx))
+    skipped = load_weights(model, folder, files, cfg, ctx, lambda name: not _is_extra_layer(name, cfg), allow_nonfinite)
+    if skipped:
+        log.info("skipped %d tensors of the MTP layer (layer index >= %d); speculative decoding loads them "
+                 "(models/mtp.py)", skipped, cfg.num_hidden_layers)
     model.post_load()
     _log_resident_weights(model, ctx)
     return model.eval()
 
 
-def load_weights(model: DecoderOnlyLM, folder: Path, files: dict[str, list[str]], cfg: ModelConfig,
-                 ctx: LayerContext) -> None:
+def construct(folder: Path, make: Callable[[], ModuleT]) -> ModuleT:
+    """The module `make` builds (no autograd); a size its layers refuse names config.json."""
+    try:
+        with torch.no_grad():
+            return make()
+    except ValueError as e:  # the layers refuse sizes they cannot shard or split (one line each)
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+
+
+def load_weights(model: CheckpointModule, folder: Path, files: dict[str, list[str]], cfg: ModelConfig,
+                 ctx: LayerContext, owns: Callable[[str], bool], allow_nonfinite: bool = False) -> int:
+    """Fill `model` with the checkpoint's tensors that `owns` (the main model: all but the MTP layers';
+    an MTP layer: its own); each must have a target and each target a tensor. Returns how many tensors
+    it left to others."""
     targets = model.load_targets()
     seen: set[str] = set()
-    skipped_extra = 0
+    skipped = 0
     total = sum(len(v) for v in files.values())
-    with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
-        for shard, names in files.items():
+    with progress_bar(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
+        for files_done, (shard, names) in enumerate(files.items(), 1):
             path = folder / shard
             with safe_open(path, framework="pt") as f:
                 for name in names:
                     bar.update(1)
-                    if _is_extra_layer(name, cfg):
-                        skipped_extra += 1
+                    if not owns(name):
+                        skipped += 1
                         continue
                     if _IGNORED.search(name):
                         continue
@@ -199,18 +217,64 @@ def load_weights(model: DecoderOnlyLM, folder: Path, files: dict[str, list[str]]
                     target = targets[name]
                     if target is ANOTHER_RANK:
                         continue
-                    _copy_into(target, f.get_slice(name), name, path, ctx)
+                    filled = _copy_into(target, f.get_slice(name), name, path, ctx)
+                    if not allow_nonfinite:
+                        _refuse_nonfinite(filled, name, path)
                     seen.add(name)
+            if bar.disable:
+                _log_files_loaded(files_done, len(files))
     missing = [n for n, t in targets.items() if t is not ANOTHER_RANK and n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{folder}: tensor '{missing[0]}' is missing from the checkpoint{more}")
-    if skipped_extra:
-        log.info("skipped %d tensors of the MTP layer (layer index >= %d); speculative decoding uses them later",
-                 skipped_extra, cfg.num_hidden_layers)
+    return skipped
 
 
-def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -> None:
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar on a terminal only: in a log file every redraw of the bar stays, and a message
+    printed meanwhile lands on the bar's line."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
+
+
+def _log_files_loaded(done: int, count: int) -> None:
+    """Progress where no bar is drawn (a log): a line every tenth of the files, when there are several."""
+    if count > 1 and (done % max(1, count // 10) == 0 or done == count):
+        log.info("loading weights: %d of %d files", done, count)
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether a float tensor holds NaN or inf: one reduction, no temporary the size of the tensor
+    (min and max propagate NaN, and an inf is itself the min or max; a sum would also overflow on
+    large finite float16 tensors). Integer tensors (quantized values) hold only numbers."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    if t.element_size() == 1:
+        return _fp8_has_nonfinite(t)
+    low, high = torch.aminmax(t)
+    # .item() rather than tensor ops on the two results: ~7 us a tensor instead of ~50.
+    return not (math.isfinite(low.item()) and math.isfinite(high.item()))
+
+
+def _refuse_nonfinite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """NaN or inf weights load without a word and make every output token garbage (or none at all).
+    The dtype is named: a float32 value beyond float16's range becomes inf only as it loads."""
+    if has_nonfinite(tensor):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise CheckpointError(f"{path}: tensor '{name}' holds NaN or inf as {dtype}; "
+                              "pass --allow-nonfinite-weights to load it anyway")
+
+
+def _fp8_has_nonfinite(t: torch.Tensor) -> bool:
+    """8-bit floats have no min/max kernels, so their bytes are read as integers. The sign is the top
+    bit and the non-finite codes of e4m3fn and e5m2 (the 8-bit floats checkpoints store) are exactly
+    those whose other bits exceed the largest finite value's: a positive one reads as a signed byte
+    above it, a negative one as an unsigned byte above 0x80 + it."""
+    largest = torch.tensor(torch.finfo(t.dtype).max, dtype=t.dtype).view(torch.int8).item()
+    return t.view(torch.int8).max().item() > largest or t.view(torch.uint8).max().item() > 0x80 + largest
+
+
+def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -> torch.Tensor:
+    """Copy one stored tensor (this rank's part of it) into its place in the model; returns that place."""
     dest = target.destination()
     shape = list(tensor_slice.get_shape())
     expected = list(dest.shape)
@@ -229,21 +293,27 @@ def _copy_into(target, tensor_slice, name: str, path: Path, ctx: LayerContext) -
         index = [slice(None)] * len(shape)
         index[target.shard_dim] = slice(which * size, (which + 1) * size)
         tensor = tensor_slice[tuple(index)]
-    dest.copy_(tensor)
+    return dest.copy_(tensor)
 
 
 _STORAGE = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.int32: "I32"}
+# The stored types a float tensor is converted from (an integer one, an I64 embedding say, would be
+# converted silently into a model that only says nonsense).
+_FLOAT_STORAGE = ("BF16", "F16", "F32", "F64")
 
 
 def _check_dtype(want: torch.dtype, stored: str, name: str, path: Path) -> None:
     """Quantized values are copied bit for bit, never converted: an integer or 8-bit tensor must be
-    stored in exactly the type the format expects, and a float slot never takes quantized values."""
+    stored in exactly the type the format expects, and a float slot takes only float values."""
     if want in _STORAGE and stored != _STORAGE[want]:
         raise CheckpointError(f"{path}: tensor '{name}' is {stored}, the checkpoint's format stores it as {_STORAGE[want]}")
     if want not in _STORAGE and stored in _STORAGE.values():
         raise CheckpointError(
             f"{path}: tensor '{name}' is {stored} but a float tensor is expected there; the checkpoint looks "
             "quantized: does config.json lack its quantization_config (or pass --quantization)?")
+    if want not in _STORAGE and stored not in _FLOAT_STORAGE:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' is {stored}, expected a float type ({', '.join(_FLOAT_STORAGE)})")
 
 
 def _log_resident_weights(model: DecoderOnlyLM, ctx: LayerContext) -> None:

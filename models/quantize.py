@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from dsserve.core.quant import QuantConfig, weight_format
 from dsserve.models.config import ModelConfig
 
-from .loader import INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_files, quant_config, read_config
+from .loader import (INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_files, progress_bar, quant_config,
+                     read_config)
 
 # The weights a quantized checkpoint stores quantized (DeepSeek-V3's FP8 release quantizes exactly
 # these; the INT8 and AWQ releases of R1 follow it).
@@ -118,7 +118,7 @@ def quantize_checkpoint(src: Path, out: Path, method: str, block: tuple[int, int
     _check_merged_parts(cfg, fmt, method, src)
     reader, config = _start(src, out)
     writer = _Writer(out)
-    for name in tqdm(reader.names(), desc=f"Quantizing to {fmt.name}", unit="tensor"):
+    for name in progress_bar(reader.names(), desc=f"Quantizing to {fmt.name}", unit="tensor"):
         t = reader.get(name)
         if not QUANTIZABLE.search(name):
             writer.add(name, t)
@@ -162,7 +162,7 @@ def convert_checkpoint(src: Path, out: Path, dtype: str = "bfloat16") -> None:
     reader, config = _start(src, out)
     writer = _Writer(out)
     names = reader.names()
-    for name in tqdm(names, desc=f"Converting to {dtype}", unit="tensor"):
+    for name in progress_bar(names, desc=f"Converting to {dtype}", unit="tensor"):
         prefix, _, suffix = name.rpartition(".")
         group = {part: f"{prefix}.{part}" for part in stored}
         complete = all(n in reader.file_of for n in group.values())

@@ -39,6 +39,15 @@ class DecoderLayer(CheckpointModule):
         return self.mlp(h), residual
 
 
+def head_logits(head: Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits [N, vocab] through a column-parallel output head: each rank computes its slice
+    of the vocabulary and every rank gets them all."""
+    logits = head(hidden)
+    if head.ctx.tp_size > 1:
+        logits = head.ctx.comm.all_gather(logits, dim=-1)
+    return logits.float()
+
+
 class DecoderOnlyLM(CheckpointModule):
     """The part every supported architecture shares: embed, decoder layers, norm, LM head.
 
@@ -73,12 +82,8 @@ class DecoderOnlyLM(CheckpointModule):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the given rows."""
         if self.lm_head is None:
-            logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight)
-        else:
-            logits = self.lm_head(hidden)
-            if self.ctx.tp_size > 1:
-                logits = self.ctx.comm.all_gather(logits, dim=-1)
-        return logits.float()
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        return head_logits(self.lm_head, hidden)
 
     def attention_backends(self):
         return self.ctx.attention_backends()

@@ -53,7 +53,7 @@ class Linear(CheckpointModule):
         self.parts = dict(parts or {})
         fmt = ctx.quant.format if quant is None else quant
         spec = LinearSpec(in_features, out_features, bias, dtype or ctx.dtype, fmt,
-                          ctx.quant.block if fmt != "none" else None)
+                          ctx.quant.block if fmt != "none" else None, batch_invariant=ctx.batch_invariant)
         self.method = ctx.registry.linear_method(ctx.device, spec)
         self.online = ctx.quant.online and fmt != "none"
         self.params = nn.ParameterDict()
