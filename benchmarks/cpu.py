@@ -13,6 +13,7 @@ printed before and after.
 
     python benchmarks/cpu.py --threads 2 [--dtype float32 bfloat16] [--decode-tokens 64]
                              [--quantization w8a8_int8 fp8 awq] [--quantized-decode-tokens 64] [--rounds 2]
+                             [--deterministic]
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from dsserve.bench.one_batch import prompt_id_range
 from dsserve.core.engine import Engine
 from dsserve.core.sampling_params import SamplingParams
 from dsserve.models.quantize import quantize_checkpoint
-from dsserve.plugins.cpu import native
+from dsserve.plugins.cpu import native, onednn
 from dsserve.plugins.cpu.device import cpu_flags
 
 GEMM_SIZE = 2048
@@ -60,14 +61,20 @@ def read_bandwidth(repeats: int = 5) -> float:
 
 
 def gemm_peak(dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of one GEMM^3 through oneDNN on a reordered weight (the path linear layers take)."""
+    """FLOP/s of one GEMM^3 through oneDNN on a reordered weight (the path linear layers take), or
+    torch.matmul where oneDNN's reordered kernels do not run this dtype on this CPU."""
     x, w = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype), torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, GEMM_SIZE)
-    torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if onednn.serves(dtype, cpu_flags()):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, GEMM_SIZE)
+        gemm = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+    else:
+        wt = w.t().contiguous()
+        gemm = lambda: torch.matmul(x, wt)  # noqa: E731
+    gemm()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        gemm()
         best = min(best, time.perf_counter() - t)
     return 2 * GEMM_SIZE ** 3 / best
 
@@ -85,14 +92,15 @@ def bench_checkpoint(quantization: str | None) -> str:
     return str(awq)
 
 
-def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: int) -> dict:
+def measure(dtype: str, quantization: str | None, threads: int, decode_tokens: int, deterministic: bool) -> dict:
     """One configuration's figures, in a process of its own (the last one's memory goes back to the
     OS before the next starts)."""
     set_threads(threads)
     path = bench_checkpoint(quantization)
     results = {}
     flag = None if quantization == "awq" else quantization  # awq: the checkpoint says so
-    with Engine(model_path=path, dtype=dtype, quantization=flag, max_total_tokens=16384) as engine:
+    with Engine(model_path=path, dtype=dtype, quantization=flag, max_total_tokens=16384,
+                enable_deterministic_inference=deterministic) as engine:
         low, high = prompt_id_range(engine)
         rng = random.Random(0)
         print(f"[{quantization or dtype}] backends: {describe_backends(engine)}", file=sys.stderr)
@@ -149,6 +157,8 @@ def main() -> int:
                         help="quantized formats to measure too, in the default dtype")
     parser.add_argument("--quantized-decode-tokens", type=int, default=64,
                         help="tokens per decode measurement of a quantized format")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="each dtype also with --enable-deterministic-inference (what batch invariance costs)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every configuration this many times, alternating, and keep each figure's "
                              "best (a shared machine's load drifts by minutes: 2 or 3 make ratios trustworthy)")
@@ -158,15 +168,17 @@ def main() -> int:
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
     dtypes = ns.dtype or (["float32", "bfloat16"] if has_bf16 else ["float32"])
     default = "bfloat16" if has_bf16 else "float32"
-    configs = [(dtype, dtype, None, ns.decode_tokens) for dtype in dtypes]
-    configs += [(f"{q} ({default})", default, q, ns.quantized_decode_tokens) for q in ns.quantization]
+    configs = [(dtype, dtype, None, ns.decode_tokens, False) for dtype in dtypes]
+    configs += [(f"{dtype} deterministic", dtype, None, ns.decode_tokens, True) for dtype in dtypes if ns.deterministic]
+    configs += [(f"{q} ({default})", default, q, ns.quantized_decode_tokens, False) for q in ns.quantization]
     isa = native.isa()
     load_before = os.getloadavg()
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         measured: dict[str, dict] = {}
         for _ in range(ns.rounds):
-            for label, dtype, quantization, tokens in configs:
-                measured[label] = best_of(measured.get(label), pool.apply(measure, (dtype, quantization, threads, tokens)))
+            for label, dtype, quantization, tokens, deterministic in configs:
+                measured[label] = best_of(measured.get(label),
+                                          pool.apply(measure, (dtype, quantization, threads, tokens, deterministic)))
     # the machine's bandwidth, here, where no engine runs: before the floors, the best of two rounds
     bandwidth = max(read_bandwidth(), read_bandwidth())
     active = measured[dtypes[0]]["steps"][1][1]
@@ -178,7 +190,7 @@ def main() -> int:
         ["weights", "GiB", "measure", "tok/s", "floor tok/s", "of floor", "floor from"], rows,
         title=(f"dsserve CPU benchmark: bench model, {threads} threads, best of {ns.rounds} alternated round(s); "
                f"{source_version()}\n"
-               f"{m['cpu']}, {m['cpus']} CPUs; kernels: {isa.name if isa else 'none'}; flags: {' '.join(shown)}\n"
+               f"{m['cpu']}, {m['cpus']} CPUs; kernels: {isa.name if isa is not None else 'none'}; flags: {' '.join(shown)}\n"
                f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")))
     return 0
 

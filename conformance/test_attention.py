@@ -49,6 +49,7 @@ from dsserve.core.backends import (
     MHAAttentionBackend,
     MLAAttentionBackend,
 )
+from dsserve.core.forward_batch import AttentionMetadata
 from dsserve.core.reference import ReferenceMHAAttention, ReferenceMLAAttention, from_cache, to_cache
 
 
@@ -297,4 +298,41 @@ def test_mla_absorption(ctx, make_case, shape, dtype):
         if case.check_tensor(what, out, (tokens, H, want_dim), dt, dev):
             full = w_kc if what == "absorb_query" else w_vc
             case.compare(what, out, torch.bmm(x.transpose(0, 1), full).transpose(0, 1), dt)
+    case.done()
+
+
+# One sequence long enough for several KV chunks of any split, alone and beside sequences of other
+# lengths (shorter, longer, one token).
+INVARIANT_CONTEXT = 700
+INVARIANT_OTHERS = (37, 1, 2000, 260, 5, 999, 64, 130, 1500, 17, 300, 3, 80, 700, 420)
+
+
+@pytest.mark.parametrize("kind", ["mla", "mha"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_batch_invariant_decode(ctx, make_case, kind, dtype):
+    """spec.batch_invariant (--enable-deterministic-inference): a sequence's decode output is the same
+    bits alone and in a batch of 16, whatever the other sequences' lengths."""
+    case = make_case("attention", f"attention {kind} decode batch-invariant dtype={dtype}")
+    shape = next(iter(MLA_SHAPES if kind == "mla" else MHA_SHAPES))
+    spec = replace(make_spec(kind, shape, DTYPES[dtype], PAGE_SIZES[1]), batch_invariant=True)
+    expect = MLAAttentionBackend if kind == "mla" else MHAAttentionBackend
+    backend = case.serve(ctx, "attention_backend", expect=expect, spec=spec)
+    dev = ctx.torch_device
+    case.note_dtype(spec.dtype)
+    gen = torch.Generator().manual_seed(case.seed)
+    prefix = (INVARIANT_CONTEXT,) + INVARIANT_OTHERS
+    layout = PagedLayout(list(prefix), [1] * len(prefix), spec.page_size, gen)
+    inputs = make_inputs(spec, "decode", layout, spec.dtype, gen)
+    parts = create_cache(case, backend, spec, layout.num_pages, dev)
+    fill_cache(layout, parts, inputs.context)
+    batched = {name: x.to(dev, spec.dtype) for name, x in inputs.tensors.items()}
+    alone = {name: x[:1] for name, x in batched.items()}
+    alone_meta = AttentionMetadata.build(prefix_lens=[INVARIANT_CONTEXT], extend_lens=[1],
+                                         page_table=layout.table[:1], page_size=spec.page_size, device=dev)
+    with case.calling("forward_decode"):
+        out_alone = call(backend, spec, "decode", alone, as_cache_arg(spec, parts), alone_meta)
+        out_batched = call(backend, spec, "decode", batched, as_cache_arg(spec, parts), layout.meta(dev))
+    if not torch.equal(out_alone[0], out_batched[0]):
+        diff = (out_alone[0].double() - out_batched[0].double()).abs().max().item()
+        case.fail(f"the sequence's output differs alone and in a batch of {len(prefix)} (max |diff| {diff:.3g})")
     case.done()

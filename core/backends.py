@@ -79,6 +79,10 @@ class AttentionSpec:
     1.0 unless a checkpoint calibrated one; a backend that cannot apply it declines specs with
     another value. A backend whose kernels do not read an 8-bit cache (`fp8_cache`) declines the
     spec and lets the reference serve it.
+    `batch_invariant` (--enable-deterministic-inference): a sequence's output must depend on its own
+    cached tokens and query only, never on the other sequences of the pass (their number, lengths or
+    values): KV splits and reduction orders fixed per sequence. The model then runs every pass as
+    decode (`AttentionMetadata.per_token`), so extend is not called.
     """
 
     kind: Literal["mla", "mha"]
@@ -92,6 +96,7 @@ class AttentionSpec:
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     kv_scale: float = 1.0
+    batch_invariant: bool = False
 
     @property
     def fp8_cache(self) -> bool:
@@ -317,6 +322,8 @@ class LinearSpec:
     same in int8), "int8_channel" (int8 `weight` + float32 `weight_scale` [out, 1], activations int8
     per token), "awq" (4-bit `qweight`/`qzeros`/`scales`, transposed, activations unquantized).
     weight_block_size: the scale block (rows, columns); AWQ's is (1, group_size).
+    batch_invariant (--enable-deterministic-inference): each output row must be the same bits whatever
+    the other rows of the call (a fixed reduction order over K whatever the number of rows).
     """
 
     in_features: int
@@ -325,6 +332,7 @@ class LinearSpec:
     dtype: torch.dtype
     quant: str = "none"
     weight_block_size: tuple[int, int] | None = None
+    batch_invariant: bool = False
 
 
 class LinearMethod(ABC):

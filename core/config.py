@@ -40,6 +40,8 @@ class EngineArgs:
     context_length: int | None = flag(None, "maximum tokens per sequence (default: the model's)")
     dtype: str = flag("auto", "compute dtype: auto, float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16", "half", "bf16", "fp32"])
+    allow_nonfinite_weights: bool = flag(False, "load a checkpoint whose weights hold NaN or inf (refused by "
+                                         "default: such a model only generates garbage)")
     # device
     device: str | None = flag(None, "device to run on (`dsserve plugins` lists them); default: the best available",
                               group="device")
@@ -62,6 +64,10 @@ class EngineArgs:
     model_worker: str = flag("process", "where the model runs: process (its own; nothing the caller's threads do "
                              "slows it) or thread (the engine's thread in this process: starts faster, and "
                              "tests and debuggers reach the model)", group="runtime", choices=["process", "thread"])
+    enable_deterministic_inference: bool = flag(
+        False, "batch-invariant numerics: a seeded request samples the same tokens alone, in any batch, after "
+        "retraction and from the prefix cache (prefill attends token by token as decode does, fixed attention "
+        "splits; the README says when a seed reproduces tokens)", group="runtime")
     # parallelism (single device today: values above 1 are accepted with a warning)
     tp_size: int = flag(1, "tensor-parallel size", group="parallelism", aliases=["--tp"])
     dp_size: int = flag(1, "data-parallel size", group="parallelism", aliases=["--dp"])

@@ -56,6 +56,27 @@ class AttentionMetadata:
         offsets = torch.arange(self.page_size, device=pages.device)
         return (pages[:, None] * self.page_size + offsets[None, :]).reshape(-1)[:n]
 
+    def per_token(self) -> "AttentionMetadata":
+        """This pass with each new token as a sequence of its own that ends at that token (its
+        sequence's pages, its position + 1 tokens): a decode pass of T sequences. Attention then
+        computes every token with decode's arithmetic, so a token's output does not depend on how
+        its sequence was split into passes (chunked prefill, the prefix cache, retraction's
+        recompute) -- what --enable-deterministic-inference needs."""
+        if self.is_decode:
+            return self
+        lens = [p + j + 1 for p, e in zip(self.prefix_lens_cpu, self.extend_lens_cpu) for j in range(e)]
+        owner = torch.repeat_interleave(torch.arange(self.batch_size, device=self.page_table.device),
+                                        self.extend_lens.to(torch.int64))
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.seq_lens.device)
+        ones = torch.ones_like(seq_lens)
+        return AttentionMetadata(
+            is_decode=True, seq_lens=seq_lens, extend_lens=ones, prefix_lens=seq_lens - 1,
+            extend_start=torch.arange(len(lens), dtype=torch.int32, device=seq_lens.device),
+            page_table=self.page_table.index_select(0, owner), out_cache_loc=self.out_cache_loc,
+            positions=self.positions, page_size=self.page_size, seq_lens_cpu=lens,
+            extend_lens_cpu=[1] * len(lens), prefix_lens_cpu=[n - 1 for n in lens],
+        )
+
     @classmethod
     def build(
         cls,

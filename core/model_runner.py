@@ -44,10 +44,12 @@ class ModelRunner:
             comm=registry.communicator(self.device, None, ranks.rank, ranks.world_size),
             quant=quant_config(self.model_path, cfg, args.quantization), page_size=args.page_size,
             kv_cache_dtype=self.kv_cache_dtype, expert_parallel=args.ep_size > 1,
+            batch_invariant=args.enable_deterministic_inference,
         )
+        self.batch_invariant = args.enable_deterministic_inference
         log.info("device: %s; dtype %s%s", self.device.describe(), str(self.dtype).removeprefix("torch."),
                  f"; tensor-parallel rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "")
-        self.model = build_model(self.model_path, cfg, ctx)
+        self.model = build_model(self.model_path, cfg, ctx, allow_nonfinite=args.allow_nonfinite_weights)
         self.context_len = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.backends = [layer.self_attn.backend for layer in self.model.layers]
         self.kv = KVPool(self.backends, self._pool_pages(args), self.torch_device)
@@ -93,6 +95,8 @@ class ModelRunner:
             prefix_lens=[it.prefix_len for it in items], extend_lens=[len(it.new_token_ids) for it in items],
             page_table=[it.pages for it in items], page_size=self.kv.page_size, device=self.torch_device,
         )
+        if self.batch_invariant:
+            meta = meta.per_token()
         rows, start = [], 0
         for it in items:
             n = len(it.new_token_ids)

@@ -112,11 +112,11 @@ def test_without_kernels_the_cpu_plugin_serves_the_reference(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lens,page_size,chunks,heads", [
-    ([1], 16, 1, 4), ([37], 16, 4, 4), ([300, 5, 64], 16, 3, 20), ([130, 129], 1, 7, 4), ([17], 64, 32, 16),
+@pytest.mark.parametrize("lens,page_size,chunk_tokens,heads", [
+    ([1], 16, 64, 4), ([37], 16, 10, 4), ([300, 5, 64], 16, 112, 20), ([130, 129], 1, 19, 4), ([17], 64, 1, 16),
 ])
-def test_mla_decode_matches_the_reference(isa, dtype, lens, page_size, chunks, heads):
-    """Every chunking of the KV length (more chunks than tokens included), odd token counts and head
+def test_mla_decode_matches_the_reference(isa, dtype, lens, page_size, chunk_tokens, heads):
+    """Every chunking of the KV length (one token a chunk included), odd token counts and head
     counts that leave a group of 16 part-empty give the reference's answer, on every variant (AVX512-BF16
     runs bfloat16 through dot products)."""
     from dsserve.core.backends import AttentionSpec
@@ -143,8 +143,8 @@ def test_mla_decode_matches_the_reference(isa, dtype, lens, page_size, chunks, h
     flat = cache.view(-1, rank + rope)
     flat[meta.out_cache_loc] = latent
     q = torch.cat([q_latent, q_pe], dim=-1).contiguous()
-    got = native.kernels().mla_decode(q, flat, meta.page_table, meta.seq_lens, page_size, rank, spec.scale, chunks,
-                                      int(isa))
+    got = native.kernels().mla_decode(q, flat, meta.page_table, meta.seq_lens, page_size, rank, spec.scale,
+                                      chunk_tokens, int(isa))
     err = float((got.double() - want.double()).pow(2).sum() / want.double().pow(2).sum())
     assert got.shape == want.shape and got.dtype == dtype
     assert err < BOUNDS[dtype], f"normalised error {err:.1e}"
@@ -468,3 +468,26 @@ def test_ranks_take_a_numa_node_each_or_an_even_share_of_the_cores():
     assert [rank_cores(r, 3, {0, 1}, [set()]) for r in range(3)] == [[0], [1], [0]]   # more ranks than cores
     assert _cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
 
+
+
+def test_onednn_serves_bfloat16_only_where_its_kernels_run():
+    """oneDNN's reordered bfloat16 linear refuses a CPU without AVX512-BW/VL/DQ or AVX-NE-CONVERT at
+    load: an AVX2 CPU asked for --dtype bfloat16 takes another kernel instead of failing to start."""
+    from dsserve.plugins.cpu import onednn
+
+    if not onednn.serves(torch.float32, frozenset()):
+        pytest.skip("this torch build has no oneDNN linear")
+    assert not onednn.serves(torch.bfloat16, frozenset({"avx2", "fma", "f16c"}))
+    assert onednn.serves(torch.bfloat16, frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}))
+    assert onednn.serves(torch.bfloat16, frozenset({"avx2", "avx_ne_convert"}))
+
+
+def test_batch_invariant_linear_layers_take_the_block_gemm_even_with_amx():
+    """oneDNN's AMX kernels serve linear layers on AMX CPUs, but they do not promise a row the same bits
+    whatever the batch; --enable-deterministic-inference asks for that and gets the block GEMM."""
+    from dsserve.core.backends import LinearSpec
+    from dsserve.plugins.cpu.linear import preferred
+
+    amx = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
+    assert not preferred(LinearSpec(64, 32, False, torch.bfloat16), amx)
+    assert preferred(LinearSpec(64, 32, False, torch.bfloat16, batch_invariant=True), amx)

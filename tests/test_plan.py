@@ -22,7 +22,8 @@ needs_configs = pytest.mark.skipif(not V3.exists(), reason=f"the published confi
 
 
 def plan(path, tp=1, **kwargs):
-    return make_plan(EngineArgs(model_path=path and str(path), tp_size=tp, device="cpu", **kwargs))
+    # bfloat16 as these models are served, whatever this CPU's own default (float32 without bf16 units)
+    return make_plan(EngineArgs(model_path=path and str(path), tp_size=tp, device="cpu", dtype="bfloat16", **kwargs))
 
 
 @needs_configs

@@ -146,10 +146,17 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
 
 
-def _chunks(batch: int, longest: int, width: int):
+def _decode_groups(meta: AttentionMetadata, longest: int, width: int, one_by_one: bool):
+    """(b0, b1, tokens): the decode's sequences in groups of as many as fit _DECODE_CHUNK_ELEMENTS,
+    padded to the batch's longest; or, batch-invariant, one at a time on its own length, so that
+    its attention runs on shapes no other sequence changes."""
+    if one_by_one:
+        for b, n in enumerate(meta.seq_lens_cpu):
+            yield b, b + 1, n
+        return
     step = max(1, _DECODE_CHUNK_ELEMENTS // max(1, longest * width))
-    for b0 in range(0, batch, step):
-        yield b0, min(batch, b0 + step)
+    for b0 in range(0, meta.batch_size, step):
+        yield b0, min(meta.batch_size, b0 + step), longest
 
 
 class _ReferenceAttention:
@@ -217,13 +224,12 @@ class ReferenceMLAAttention(_ReferenceAttention, MLAAttentionBackend):
         cd = self._compute_dtype(q_latent.dtype)
         q = torch.cat([q_latent, q_pe], dim=-1).to(cd)  # [B, H, D]
         batch, heads, width = q.shape
-        longest = plan.slots.shape[1]
         out = q_latent.new_empty(batch, heads, rank)
-        for b0, b1 in _chunks(batch, longest, width):
+        for b0, b1, longest in _decode_groups(meta, plan.slots.shape[1], width, s.batch_invariant):
             n = b1 - b0
-            ctx = self._read(flat, plan.slots[b0:b1].reshape(-1), cd).view(n, longest, width)
+            ctx = self._read(flat, plan.slots[b0:b1, :longest].reshape(-1), cd).view(n, longest, width)
             scores = torch.matmul(q[b0:b1], ctx.transpose(1, 2)).mul_(s.scale)  # [n, H, L]
-            scores.masked_fill_(~plan.valid[b0:b1, None, :], float("-inf"))
+            scores.masked_fill_(~plan.valid[b0:b1, None, :longest], float("-inf"))
             probs = _softmax(scores)
             out[b0:b1] = torch.matmul(probs, ctx[:, :, :rank]).to(out.dtype)
         return out
@@ -267,19 +273,19 @@ class ReferenceMHAAttention(_ReferenceAttention, MHAAttentionBackend):
         batch, heads, dim = q.shape
         kv_heads, dim_v = k_flat.shape[1], v_flat.shape[2]
         group = heads // kv_heads
-        longest = plan.slots.shape[1]
         # The `group` query heads sharing a KV head (h // group) see the same keys with the same
         # mask, so they ride as `group` query rows of one attention per KV head; K and V are used
         # as strided views of the gathered cache, never copied per head.
         qg = q.to(cd).view(batch, kv_heads, group, dim)
         out = q.new_empty(batch, heads, dim_v)
-        for b0, b1 in _chunks(batch, longest, kv_heads * (dim + dim_v)):
+        for b0, b1, longest in _decode_groups(meta, plan.slots.shape[1], kv_heads * (dim + dim_v),
+                                              self.spec.batch_invariant):
             n = b1 - b0
-            idx = plan.slots[b0:b1].reshape(-1)
+            idx = plan.slots[b0:b1, :longest].reshape(-1)
             keys = self._read(k_flat, idx, cd).view(n, longest, kv_heads, dim).transpose(1, 2)
             vals = self._read(v_flat, idx, cd).view(n, longest, kv_heads, dim_v).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qg[b0:b1], keys, vals, attn_mask=plan.valid[b0:b1, None, None, :], scale=self.spec.scale
+                qg[b0:b1], keys, vals, attn_mask=plan.valid[b0:b1, None, None, :longest], scale=self.spec.scale
             )  # [n, Hkv, group, Dv]
             out[b0:b1] = o.reshape(n, heads, dim_v).to(out.dtype)
         return out

@@ -102,7 +102,7 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
     kernels = native.kernels()
     if kernels is not None and preferred(spec, cpu_flags()):
         return CpuPackedLinear(spec, kernels, native.isa())
-    if onednn.available() and spec.dtype in onednn.DTYPES:
+    if onednn.serves(spec.dtype, cpu_flags()) and not spec.batch_invariant:
         return onednn.OneDnnLinear(spec)
     from dsserve.core.reference import UnquantizedLinear
 

@@ -28,6 +28,9 @@ from .packing import pack, packable, unpack
 # this many chunks each, so that batch 1 keeps every core busy without splitting short contexts.
 MIN_CHUNK_TOKENS = 64
 CHUNKS_PER_THREAD = 2
+# The chunk when results must not depend on the batch (spec.batch_invariant): a constant, so a
+# sequence's chunks, and the order its partial softmaxes merge in, follow from its length alone.
+INVARIANT_CHUNK_TOKENS = 256
 # Context tokens expanded to per-head keys and values at a time in extend.
 EXTEND_KV_CHUNK = 4096
 
@@ -94,7 +97,7 @@ class CpuMLAAttention(ReferenceMLAAttention):
     def __init__(self, spec: AttentionSpec, kernels, isa):
         super().__init__(spec)
         self.kernels, self.isa = kernels, int(isa)
-        self._decode_split: tuple[object, int] = (None, 1)  # (the pass's metadata, KV chunks a sequence)
+        self._decode_split: tuple[object, int] = (None, 1)  # (the pass's metadata, tokens a KV chunk)
 
     # w_kc [H, nope, L] is used as x @ w_kc: per head a linear layer with weight w_kc[h]^T [L, nope];
     # w_vc [H, L, v] likewise with w_vc[h]^T [v, L]. Both are kept packed in that form.
@@ -134,11 +137,21 @@ class CpuMLAAttention(ReferenceMLAAttention):
     def prepare(self, meta):
         # decode needs no gathered slots (the kernel reads the page table), only the KV split, once a pass
         if meta.is_decode:
-            longest = max(meta.seq_lens_cpu)
-            wanted = -(-CHUNKS_PER_THREAD * torch.get_num_threads() // len(meta.seq_lens_cpu))
-            self._decode_split = (meta, max(1, min(wanted, longest // MIN_CHUNK_TOKENS)))
+            self._decode_split = (meta, self._chunk_tokens(meta))
         else:
             super().prepare(meta)
+
+    def _chunk_tokens(self, meta) -> int:
+        """The KV chunk of a decode pass: the longest sequence in about CHUNKS_PER_THREAD chunks a
+        thread over the batch, none under MIN_CHUNK_TOKENS, a multiple of the kernel's 16-token
+        blocks; a constant where the batch must not matter."""
+        if self.spec.batch_invariant:
+            return INVARIANT_CHUNK_TOKENS
+        longest = max(meta.seq_lens_cpu)
+        wanted = -(-CHUNKS_PER_THREAD * torch.get_num_threads() // len(meta.seq_lens_cpu))
+        chunks = max(1, min(wanted, longest // MIN_CHUNK_TOKENS))
+        per = -(-longest // chunks)
+        return (per + 15) // 16 * 16
 
     def forward_decode(self, q_latent, q_pe, latent, cache, meta):
         if self._decode_split[0] is not meta:  # a caller that skipped prepare

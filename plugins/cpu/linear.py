@@ -17,9 +17,11 @@ from .packing import pack, packable, unpack
 
 
 def preferred(spec: LinearSpec, flags: frozenset[str]) -> bool:
-    """Whether this kernel serves `spec` on a CPU with `flags`: unquantized, packable, no AMX."""
+    """Whether this kernel serves `spec` on a CPU with `flags`: unquantized, packable, and no AMX unless
+    the spec asks for batch-invariant rows (this kernel runs K in one order for every row count;
+    oneDNN does not promise that)."""
     return (spec.quant == "none" and packable(spec.out_features, spec.in_features, spec.dtype) is None
-            and not {"amx_bf16", "amx_int8"} & flags)
+            and (spec.batch_invariant or not {"amx_bf16", "amx_int8"} & flags))
 
 
 class CpuPackedLinear(UnquantizedLinear):

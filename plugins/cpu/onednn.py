@@ -14,11 +14,18 @@ import torch
 
 from dsserve.core.reference import UnquantizedLinear
 
-DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's reordered bfloat16 linear refuses CPUs without these ("bf16 path needs the cpu support
+# avx_ne_convert or avx512bw, avx512vl and avx512dq"): an AVX2-only CPU asked for --dtype bfloat16.
+_BF16_FLAGS = ({"avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
 
 
-def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def serves(dtype: torch.dtype, flags: frozenset[str]) -> bool:
+    """Whether oneDNN's reordered linear runs `dtype` on a CPU with `flags` in this torch build."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return any(needed <= flags for needed in _BF16_FLAGS)
+    return dtype == torch.float32
 
 
 class OneDnnLinear(UnquantizedLinear):

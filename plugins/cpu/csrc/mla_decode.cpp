@@ -3,7 +3,9 @@
 //
 // Work is split over (sequence, KV chunk) pairs, so one long sequence (batch 1) keeps every thread
 // busy (flash-decoding); each pair keeps a running max, sum and float32 accumulator per head, and a
-// second pass merges the chunks of a sequence. Tokens go in blocks of kTokens: a block's latent rows
+// second pass merges the chunks of a sequence. Chunks are `chunk_tokens` long from position 0, so
+// a sequence's result depends on its own length and that one number only: the caller keeps it fixed
+// for batch-invariant results (--enable-deterministic-inference). Tokens go in blocks of kTokens: a block's latent rows
 // are widened to float32 once, then scored against all heads (q transposed, heads in the vector
 // lanes) and added into all heads' outputs.
 // On AVX512-BF16 CPUs a bfloat16 cache takes the dot-product path (`item_dpbf16`): scores and the
@@ -206,22 +208,28 @@ __attribute__((target("avx512f,avx512bf16"))) void item_dpbf16(const at::BFloat1
 template <typename T>
 at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
                            const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale,
-                           int64_t chunks, Isa isa) {
+                           int64_t chunk_tokens, Isa isa) {
   const int64_t B = q.size(0), H = q.size(1), W = q.size(2), L = rank;
   const T* qp = q.data_ptr<T>();
   const T* cp = cache.data_ptr<T>();
   const int32_t* pages = page_table.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t max_pages = page_table.size(1);
-  std::vector<Partial> parts(B * chunks);
+  // the work items: sequence b owns items first[b] .. first[b + 1] - 1, one per chunk (at least one)
+  std::vector<int64_t> first(B + 1, 0), owner;
+  for (int64_t b = 0; b < B; ++b) {
+    first[b + 1] = first[b] + std::max<int64_t>(1, (lens[b] + chunk_tokens - 1) / chunk_tokens);
+    owner.insert(owner.end(), first[b + 1] - first[b], b);
+  }
+  std::vector<Partial> parts(first[B]);
   const bool dot_products = isa == kAvx512Bf16 && W % 2 == 0 && L % 32 == 0;
 
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first[B], 1, [&](int64_t begin, int64_t end) {
     const int64_t groups = (H + kHeads - 1) / kHeads, Hp = groups * kHeads;  // heads padded to whole groups
     std::vector<float> qf(H * W), q_t(groups * W * kHeads), rows(kTokens * W), scores(kTokens * Hp), p(kTokens);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks, c = item % chunks, n = lens[b];
-      const int64_t per = (n + chunks - 1) / chunks, t0 = std::min(n, c * per), t1 = std::min(n, t0 + per);
+      const int64_t b = owner[item], c = item - first[b], n = lens[b];
+      const int64_t t0 = std::min(n, c * chunk_tokens), t1 = std::min(n, t0 + chunk_tokens);
       Partial& part = parts[item];
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (dot_products) {
@@ -272,11 +280,11 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, parts[b * chunks + c].max[h]);
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) top = std::max(top, parts[c].max[h]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       float total = 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Partial& part = parts[b * chunks + c];
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+        const Partial& part = parts[c];
         if (part.sum[h] == 0.0f) continue;
         const float w = std::exp(part.max[h] - top);
         total += w * part.sum[h];
@@ -294,24 +302,25 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
 
 // q [B, H, W] (the absorbed query: kv_lora_rank latent then rope); cache [slots, W] (flat pages);
 // page_table [B, max_pages] int32; seq_lens [B] int32 (tokens in the cache, the new one written);
+// chunk_tokens: the KV chunk one work item takes (a multiple of 16 keeps token blocks aligned);
 // isa: the variant (block_gemm.h's numbering; AVX512_BF16 takes the dot-product path for bfloat16);
 // returns [B, H, rank] in q's dtype: softmax(scale * q . row) weighted sum of the rows' latent part.
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
-                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks,
-                      int64_t isa) {
+                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale,
+                      int64_t chunk_tokens, int64_t isa) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H, W] tensor");
   TORCH_CHECK(cache.dim() == 2 && cache.is_contiguous() && cache.size(1) == q.size(2),
               "cache must be the flat [slots, W] latent cache of q's width");
   TORCH_CHECK(cache.scalar_type() == q.scalar_type(), "q and the cache must share a dtype");
   TORCH_CHECK(page_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "page_table and seq_lens must be int32");
-  TORCH_CHECK(rank > 0 && rank <= q.size(2) && chunks >= 1, "bad rank or chunk count");
+  TORCH_CHECK(rank > 0 && rank <= q.size(2) && chunk_tokens >= 1, "bad rank or chunk length");
   const at::Tensor table = page_table.contiguous(), lens = seq_lens.contiguous();
   switch (q.scalar_type()) {
     case at::kBFloat16:
-      return mla_decode_impl<at::BFloat16>(q, cache, table, lens, page_size, rank, scale, chunks, static_cast<Isa>(isa));
+      return mla_decode_impl<at::BFloat16>(q, cache, table, lens, page_size, rank, scale, chunk_tokens, static_cast<Isa>(isa));
     case at::kFloat:
-      return mla_decode_impl<float>(q, cache, table, lens, page_size, rank, scale, chunks, static_cast<Isa>(isa));
+      return mla_decode_impl<float>(q, cache, table, lens, page_size, rank, scale, chunk_tokens, static_cast<Isa>(isa));
     default:
       TORCH_CHECK(false, "mla_decode serves bfloat16 and float32, not ", q.scalar_type());
   }

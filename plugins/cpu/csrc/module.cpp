@@ -16,7 +16,7 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
 std::vector<at::Tensor> route(const at::Tensor& logits, const at::Tensor& bias, int64_t scoring, int64_t method,
                               int64_t n_group, int64_t topk_group, int64_t top_k, bool norm, double scaling);
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
-                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunks,
+                      const at::Tensor& seq_lens, int64_t page_size, int64_t rank, double scale, int64_t chunk_tokens,
                       int64_t isa);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          int64_t isa);
