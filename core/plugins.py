@@ -7,9 +7,11 @@ the user enables it: DSSERVE_PLUGIN_OVERRIDES=plugin:device[,plugin:device...].
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import entry_points
 
 import pluggy
 
@@ -29,7 +31,9 @@ from .backends import (
 ENTRY_POINT_GROUP = "dsserve.plugins"
 DISABLE_ENV = "DSSERVE_DISABLE_PLUGINS"
 OVERRIDES_ENV = "DSSERVE_PLUGIN_OVERRIDES"
+_WARNED_ENV = "DSSERVE_DISABLE_PLUGINS_WARNED"  # the unknown names already warned about
 REFERENCE_NAME = "reference"
+log = logging.getLogger("dsserve")
 HOOK_FAMILIES = {
     "dsserve_devices": "devices",
     "dsserve_attention_backend": "attention",
@@ -71,6 +75,7 @@ class PluginRegistry:
         self.pm.add_hookspecs(hookspecs)
         if blocked is None:
             blocked = _env_list(DISABLE_ENV)
+            _warn_unknown_disabled(blocked)
         for name in blocked:
             self.pm.set_blocked(name)
         self.overrides = _parse_overrides(_env_list(OVERRIDES_ENV) if overrides is None else overrides)
@@ -194,6 +199,19 @@ class PluginRegistry:
 
 def _env_list(name: str) -> list[str]:
     return [x.strip() for x in os.environ.get(name, "").split(",") if x.strip()]
+
+
+def _warn_unknown_disabled(names: list[str]) -> None:
+    """A name in DSSERVE_DISABLE_PLUGINS that no installed plugin has is likely a typo, and the plugin
+    meant stays enabled: say so, with the names that would work. Once per process tree: the unknown
+    names are noted in the environment, which the model worker processes inherit."""
+    installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | {REFERENCE_NAME})
+    unknown = [name for name in names if name not in installed]
+    if not unknown or os.environ.get(_WARNED_ENV) == ",".join(unknown):
+        return
+    os.environ[_WARNED_ENV] = ",".join(unknown)
+    log.warning("warning: %s: no installed plugin is named %s (installed plugins: %s)",
+                DISABLE_ENV, " or ".join(f"'{name}'" for name in unknown), ", ".join(installed))
 
 
 def _parse_overrides(entries: list[str]) -> set[tuple[str, str]]:

@@ -1,24 +1,63 @@
 """Tokenizer wrapper and streaming detokenizer.
 
 ``Tokenizer`` wraps a Hugging Face fast tokenizer loaded from a checkpoint folder and exposes only
-what the server needs: encode/decode, the checkpoint's chat template, the set of end-of-sequence ids
-and the vocabulary size.  ``IncrementalDetokenizer`` turns a stream of generated token ids into text
-deltas that never split a character.
+what the server needs: encode/decode, each token's raw bytes, the checkpoint's chat template, the set
+of end-of-sequence ids and the vocabulary size.  ``IncrementalDetokenizer`` turns a stream of generated
+token ids into text deltas that never split a character.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 
 
+# A SentencePiece byte-fallback piece: the byte 0xNN.
+_BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode table, inverted: byte-level BPE vocabularies write every byte as a
+    printable character (printable Latin-1 bytes as themselves, the others shifted to U+0100 and up),
+    so a piece's characters map back to its raw bytes one to one."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return alphabet
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+
+
+def _byte_level_piece_bytes(piece: str) -> bytes | None:
+    """The raw bytes of a byte-level BPE piece; None when a character is outside the alphabet."""
+    try:
+        return bytes(_BYTE_LEVEL_ALPHABET[ch] for ch in piece)
+    except KeyError:
+        return None
+
+
+def _decodes_byte_level(decoder_state: Mapping[str, Any]) -> bool:
+    """Whether a tokenizers decoder (its JSON state) is, or chains, a ByteLevel decoder."""
+    if decoder_state.get("type") == "ByteLevel":
+        return True
+    return any(_decodes_byte_level(d) for d in decoder_state.get("decoders") or ())
+
+
 class ChatTemplateError(ValueError):
     """The checkpoint has no chat template and none was given."""
+
+
+class TokenizerError(ValueError):
+    """The checkpoint's tokenizer or generation config cannot be read; one line naming the file."""
 
 
 def _as_id_set(value: Any) -> set[int]:
@@ -52,7 +91,11 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.path = str(path)
-        self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        try:
+            self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # tokenizers raises bare Exceptions; transformers' messages run to many lines
+            _check_tokenizer_files(Path(self.path))
+            raise TokenizerError(f"{self.path}: cannot load the tokenizer ({_first_line(e)})") from None
         self._eos_token_ids = frozenset(
             self._generation_eos_ids() | _as_id_set(self._hf.eos_token_id) | _as_id_set(list(extra_eos_token_ids))
         )
@@ -65,11 +108,12 @@ class Tokenizer:
     def _generation_eos_ids(self) -> set[int]:
         gen_path = Path(self.path) / "generation_config.json"
         if gen_path.is_file():
-            try:
-                data = json.loads(gen_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return set()
-            return _as_id_set(data.get("eos_token_id"))
+            # Refused, not ignored, when unreadable: its eos_token_id decides where generation stops.
+            eos = _read_json_object(gen_path).get("eos_token_id")
+            if eos is not None and not _is_id_or_ids(eos):
+                raise TokenizerError(f"{gen_path}: field 'eos_token_id' must be a token id or a list of them, "
+                                     f"got {json.dumps(eos)}")
+            return _as_id_set(eos)
         if Path(self.path).is_dir():
             return set()
         # Not a local folder (a hub id): let transformers find it, if it can.
@@ -125,6 +169,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_marking_added(self, text: str) -> tuple[list[int], list[bool]]:
+        """``encode(text)`` and, per id, whether the tokenizer added it around the text (a BOS)
+        rather than read it from the text (a special token written in the text is read from it)."""
+        encoding = self._hf(text, add_special_tokens=True, return_special_tokens_mask=True)
+        return list(encoding["input_ids"]), [bool(m) for m in encoding["special_tokens_mask"]]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -137,6 +187,39 @@ class Tokenizer:
         if tid is None or (unk is not None and tid == unk and token != self._hf.unk_token):
             return None
         return int(tid)
+
+    # -- raw bytes ------------------------------------------------------------------------------
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes ``token_id`` stands for, which may be part of a UTF-8 character: a
+        byte-level BPE piece mapped back through GPT-2's byte alphabet, the byte of a SentencePiece
+        ``<0xNN>`` piece, else the UTF-8 of the token's decoded text (added tokens, other pieces,
+        and ids past the vocabulary, which decode to "")."""
+        piece = self._hf.convert_ids_to_tokens(token_id)
+        if piece is not None and token_id not in self._added_token_ids:
+            if self._is_byte_level:
+                raw = _byte_level_piece_bytes(piece)
+                if raw is not None:
+                    return raw
+            elif match := _BYTE_FALLBACK_PIECE.fullmatch(piece):
+                return bytes([int(match[1], 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids that ``decode(..., skip_special_tokens=True)`` leaves out: the added tokens marked
+        special (``<think>`` is not, in DeepSeek-R1)."""
+        return frozenset(i for i, token in self._hf.added_tokens_decoder.items() if token.special)
+
+    @cached_property
+    def _added_token_ids(self) -> frozenset[int]:
+        # Added tokens are stored as their text, not in the vocabulary's byte alphabet.
+        return frozenset(self._hf.added_tokens_decoder)
+
+    @cached_property
+    def _is_byte_level(self) -> bool:
+        decoder = getattr(getattr(self._hf, "backend_tokenizer", None), "decoder", None)
+        return decoder is not None and _decodes_byte_level(json.loads(decoder.__getstate__()))
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -185,6 +268,47 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self._vocab_size})"
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; TokenizerError naming the file when it does not."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TokenizerError(f"{path}: unreadable ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise TokenizerError(f"{path}: not valid JSON ({e}); is the file truncated?") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: must hold a JSON object {{...}}, got a {type(data).__name__}")
+    return data
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """After a failed load, raise TokenizerError naming the file at fault where it is one of these: a
+    tokenizer.json or tokenizer_config.json that is not a JSON object (a truncated download, say), or a
+    tokenizer_config.json without the tokenizer.json that holds the vocabulary."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            _read_json_object(folder / name)
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        tokenizer_class = _read_json_object(config).get("tokenizer_class")
+        named = f"its tokenizer_class {json.dumps(tokenizer_class)}" if tokenizer_class else "the tokenizer"
+        # from None: transformers' error, being handled, only says that no backend could be built.
+        raise TokenizerError(f"{config}: {named} is loaded from tokenizer.json, which is missing from "
+                             f"{folder}; copy it from the model's repository") from None
+
+
+def _is_id_or_ids(value: Any) -> bool:
+    def is_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return is_id(value) or (isinstance(value, list) and all(is_id(v) for v in value))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _Decoder(Protocol):
@@ -292,4 +416,4 @@ class IncrementalDetokenizer:
         return delta
 
 
-__all__ = ["REPLACEMENT_CHAR", "ChatTemplateError", "IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["REPLACEMENT_CHAR", "ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "TokenizerError"]

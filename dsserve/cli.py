@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from dsserve import __version__
 from dsserve.core.config import EngineArgs
 
 SUBCOMMANDS = {  # name -> "module:function" adding its parser
@@ -25,9 +26,25 @@ SUBCOMMANDS = {  # name -> "module:function" adding its parser
 }
 
 
+class _PrintVersion(argparse.Action):
+    """`dsserve --version`: dsserve's version and torch's (imported only here: it takes a second)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        # SUPPRESS: no `version` attribute in the namespace the subcommands read their options from
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of dsserve and torch and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        print(f"dsserve {__version__} (torch {torch.__version__})")
+        parser.exit()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsserve", description="Serve DeepSeek models on any device. With no subcommand: serve.")
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, target in SUBCOMMANDS.items():
         if only in (None, name):
@@ -43,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         print()
         build_parser("serve").parse_args(["serve", "--help"])
-    if not argv or argv[0] not in SUBCOMMANDS:
+    if not argv or argv[0] not in (*SUBCOMMANDS, "--version"):
         argv.insert(0, "serve")
     # Import only the chosen subcommand's module: `dsserve plugins` need not load the server.
     ns = build_parser(argv[0]).parse_args(argv)
@@ -79,16 +96,32 @@ def register_plugins(sub) -> None:
 
 def _generate(ns: argparse.Namespace) -> int:
     from dsserve.core.engine import Engine
-    from dsserve.core.sampling_params import SamplingParams
 
-    with Engine.from_args(EngineArgs.from_cli_args(ns)) as engine:
+    args = EngineArgs.from_cli_args(ns)
+    params = _sampling_params(ns)  # a bad value stops here, before the model loads
+    with Engine.from_args(args) as engine:
         prompt = ns.prompt
         if ns.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                                top_k=ns.top_k, seed=ns.sampling_seed)
         print(engine.generate(prompts=[prompt], sampling_params=params)[0].text)
     return 0
+
+
+# SamplingParams field -> the `dsserve generate` flag that sets it
+_SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                   "top_k": "--top-k", "seed": "--sampling-seed"}
+
+
+def _sampling_params(ns: argparse.Namespace):
+    """`dsserve generate`'s sampling flags as SamplingParams; a ValueError naming the flag when one is invalid."""
+    from dsserve.core.errors import RequestError
+    from dsserve.core.sampling_params import SamplingParams
+
+    values = {field: getattr(ns, flag.removeprefix("--").replace("-", "_")) for field, flag in _SAMPLING_FLAGS.items()}
+    try:
+        return SamplingParams(**values)
+    except RequestError as e:
+        raise ValueError(e.message_for(_SAMPLING_FLAGS.get(e.param, e.param))) from None
 
 
 def _plugins(ns: argparse.Namespace) -> int:

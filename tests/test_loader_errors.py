@@ -1,15 +1,18 @@
 """Broken checkpoint folders give one line a user can act on; sharded and MTP-carrying ones load.
 
 Each test copies a good small checkpoint built with transformers (tests/hf_checkpoints.py), breaks it
-the way real downloads break (a tensor missing, an extra tensor, a wrong shape, a shard missing, no
-config.json, an unsupported architecture, no folder at all), and checks that
-``Engine(model_path=..., device="cpu")`` raises CheckpointError whose message is a single line naming
-the file or tensor and the problem.
+the way real downloads break (a tensor missing, an extra tensor, a wrong shape or dtype, NaN weights, a
+shard missing, no config.json or one with a bad field, an unsupported architecture, a truncated or
+missing tokenizer file, no folder at all), and checks that ``Engine(model_path=..., device="cpu")``
+raises CheckpointError (TokenizerError for the tokenizer's files) whose message is a single line
+naming the file, the field or tensor, and the problem.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +21,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_checkpoints import build, read_tensors, shard, write_tensors
+from hf_checkpoints import build, copy_tiny_tokenizer, read_tensors, shard, write_tensors
+
+from dsserve.core.tokenizer import TokenizerError
+from dsserve.models.loader import CheckpointError, has_nonfinite
 
 SUPPORTED = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
 ARCHS = ("deepseek_v3", "llama")
@@ -41,12 +47,10 @@ def copy_of(pristine, tmp_path):
     return make
 
 
-def _load_error(path: Path) -> str:
-    from dsserve.models.loader import CheckpointError
-
+def _load_error(path: Path, error: type[Exception] = CheckpointError) -> str:
     from dsserve import Engine
 
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(error) as info:
         Engine(model_path=str(path), device="cpu")
     msg = str(info.value)
     assert msg.strip(), "empty CheckpointError message"
@@ -95,6 +99,64 @@ def test_unsupported_architecture_lists_the_supported_ones(copy_of):
     assert "MixtralForCausalLM" in msg
     for arch in SUPPORTED:
         assert arch in msg, f"supported architecture {arch} not listed in: {msg}"
+
+
+CONFIG_FIELDS = [
+    # (what config.json holds, what the message must name besides the file)
+    ([{"architectures": ["LlamaForCausalLM"]}], "JSON object"),
+    ({"num_hidden_layers": 0}, "'num_hidden_layers' must be >= 1, got 0"),
+    ({"hidden_size": "64"}, "'hidden_size' must be an integer"),
+    ({"rms_norm_eps": "small"}, "'rms_norm_eps' must be a number"),
+    ({"vocab_size": None}, "'vocab_size' is required"),
+]
+
+
+@pytest.mark.parametrize("content,named", CONFIG_FIELDS, ids=[n for _, n in CONFIG_FIELDS])
+def test_bad_config_field_is_named(copy_of, content, named):
+    path = copy_of("llama")
+    config = path / "config.json"
+    if isinstance(content, dict):
+        content = {**json.loads(config.read_text()), **content}
+    config.write_text(json.dumps(content))
+    msg = _load_error(path)
+    assert str(config) in msg and named in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# the tokenizer and generation_config.json
+
+
+@pytest.fixture
+def with_tokenizer(copy_of):
+    path = copy_of("llama")
+    if not copy_tiny_tokenizer(path):
+        pytest.skip("the embedded tokenizer files are not there")
+    return path
+
+
+def test_truncated_tokenizer_json_is_named(with_tokenizer):
+    tokenizer_json = with_tokenizer / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text()[:500])
+    msg = _load_error(with_tokenizer, TokenizerError)
+    assert str(tokenizer_json) in msg and "not valid JSON" in msg
+
+
+def test_tokenizer_config_without_tokenizer_json_names_both(with_tokenizer):
+    (with_tokenizer / "tokenizer.json").unlink()
+    msg = _load_error(with_tokenizer, TokenizerError)
+    assert str(with_tokenizer / "tokenizer_config.json") in msg
+    assert "tokenizer_class" in msg and "tokenizer.json, which is missing" in msg
+
+
+@pytest.mark.parametrize("content,named", [("{\"eos_token_id\": [1,", "not valid JSON"),
+                                           ('{"eos_token_id": "1"}', "'eos_token_id'")],
+                         ids=["truncated", "eos-id-a-string"])
+def test_bad_generation_config_is_refused(with_tokenizer, content, named):
+    """Refused, not ignored: its eos_token_id decides where generation stops."""
+    generation_config = with_tokenizer / "generation_config.json"
+    generation_config.write_text(content)
+    msg = _load_error(with_tokenizer, TokenizerError)
+    assert str(generation_config) in msg and named in msg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +222,63 @@ def test_shape_mismatch_names_tensor_and_both_shapes(copy_of, arch, tensor, bad,
     assert str(good) in msg, f"expected shape {good} not in: {msg}"
 
 
+def test_integer_tensor_in_a_float_slot_names_the_expected_dtype(copy_of):
+    path = copy_of("llama")
+    tensors = read_tensors(path)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].long()
+    write_tensors(path, tensors)
+    msg = _load_error(path)
+    assert str(path / "model.safetensors") in msg and "'model.embed_tokens.weight' is I64" in msg
+    assert "expected a float type" in msg
+
+
+NONFINITE_TENSOR = "model.layers.1.mlp.down_proj.weight"
+
+
+def _with_nonfinite_weight(path: Path, value: float) -> None:
+    tensors = read_tensors(path)
+    tensors[NONFINITE_TENSOR].view(-1)[7] = value
+    write_tensors(path, tensors)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+def test_nonfinite_weight_is_refused_naming_the_tensor(copy_of, value):
+    path = copy_of("llama")
+    _with_nonfinite_weight(path, value)
+    msg = _load_error(path)
+    assert str(path / "model.safetensors") in msg and f"'{NONFINITE_TENSOR}' holds NaN or inf" in msg
+    assert "--allow-nonfinite-weights" in msg
+
+
+def test_nonfinite_weight_loads_with_the_flag(copy_of):
+    from dsserve import Engine
+
+    path = copy_of("llama")
+    _with_nonfinite_weight(path, float("nan"))
+    Engine(model_path=str(path), device="cpu", allow_nonfinite_weights=True, model_worker="thread").shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_has_nonfinite_finds_nan_and_inf_anywhere(dtype):
+    t = torch.randn(3, 5).to(dtype)
+    assert not has_nonfinite(t) and not has_nonfinite(t[:, 1:3])
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = t.clone()
+        bad[2, 4] = value
+        assert has_nonfinite(bad)
+    assert not has_nonfinite(torch.full((4,), 7, dtype=torch.int32)), "integer (quantized) tensors are numbers"
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_has_nonfinite_reads_every_fp8_code(dtype):
+    """8-bit floats are checked through their bytes; each of the 256 codes must agree with isfinite."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = torch.isfinite(codes.view(dtype).float())
+    for code, is_finite in zip(codes, finite):
+        assert has_nonfinite(code.reshape(1).view(dtype)) == (not is_finite), f"code {int(code):#04x}"
+    assert has_nonfinite(codes.view(dtype)) and not has_nonfinite(codes[finite].view(dtype))
+
+
 # --------------------------------------------------------------------------------------------------
 # sharded checkpoints
 
@@ -182,6 +301,21 @@ def test_sharded_checkpoint_generates_like_the_single_file(pristine, copy_of, ar
     for (wt, wl), (gt, gl) in zip(want, got):
         assert gt == wt
         assert max(abs(a - b) for a, b in zip(gl, wl)) < 1e-6
+
+
+def test_progress_off_a_terminal_is_log_lines_not_a_bar(copy_of, monkeypatch, caplog):
+    """A bar's carriage returns would stay in a log file: off a terminal, one line per tenth of the files."""
+    from dsserve import Engine
+
+    path = copy_of("llama")
+    shard(path, 2)
+    stderr = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with caplog.at_level(logging.INFO, logger="dsserve.loader"):
+        Engine(model_path=str(path), device="cpu", model_worker="thread").shutdown()
+    assert "\r" not in stderr.getvalue() and "Loading weights" not in stderr.getvalue()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading weights")] == [
+        "loading weights: 1 of 2 files", "loading weights: 2 of 2 files"]
 
 
 def test_mtp_layer_tensors_are_skipped(pristine, copy_of):
