@@ -259,13 +259,15 @@ class Engine:
         """One engine step: take the inbox, schedule, run, postprocess (the scheduler's), emit."""
         for message in self._take_inbox():
             self._apply(message)
-        self._complete_flushes()
         batch = self.scheduler.schedule()
         if batch is not None:
             sampled = self._forward(batch)
             if sampled is not None:
                 finished = self.scheduler.postprocess(batch, sampled, self.outputs.check_finish)
                 self.outputs.emit_step(batch.sampling, finished)
+        # after the step: a flush that waited for the last running request completes as it ends,
+        # not when (if ever) the engine next wakes up
+        self._complete_flushes()
         self._update_metrics()
 
     def _forward(self, batch: ScheduledBatch) -> SampleOutput | None:

@@ -45,6 +45,9 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (self.top_logprobs >= 0, "top_logprobs", "must be >= 0"),
+            # the sampler puts these in a 64-bit generator and tensor: a larger value would kill the worker
+            (_fits_int64(self.seed), "seed", "must be in [-2**63, 2**63)"),
+            (_fits_int64(self.top_k), "top_k", "must be in [-2**63, 2**63)"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -57,3 +60,7 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+def _fits_int64(value: int | None) -> bool:
+    return value is None or -2**63 <= value < 2**63

@@ -21,6 +21,8 @@ class ServerArgs(EngineArgs):
                                group="http server")
     max_queued_requests: int | None = flag(None, "answer 503 (with Retry-After) while this many requests wait "
                                            "to run (default: no limit)", group="http server")
+    max_request_bytes: int = flag(8 * 2**20, "answer 413 to a request body larger than this many bytes (default "
+                                  "8 MiB: a full context of text several times over)", group="http server")
     graceful_shutdown_timeout: float = flag(30.0, "on SIGTERM/SIGINT, seconds to let running requests finish "
                                             "before they are aborted", group="http server")
     enable_metrics: bool = flag(False, "accepted for SGLang compatibility: /metrics (Prometheus) is always served",
@@ -44,6 +46,8 @@ class ServerArgs(EngineArgs):
             raise flag_error("host", "must not be empty")
         if self.max_queued_requests is not None and self.max_queued_requests < 1:
             raise flag_error("max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
+        if self.max_request_bytes < 1:
+            raise flag_error("max_request_bytes", f"must be >= 1, got {self.max_request_bytes}")
         if self.graceful_shutdown_timeout < 0:
             raise flag_error("graceful_shutdown_timeout", f"must be >= 0, got {self.graceful_shutdown_timeout}")
         if self.api_key is not None and not self.api_key.strip():

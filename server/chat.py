@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -107,7 +108,9 @@ class ChatServing:
         self.s = serving
         self.reasoning_parser = reasoning_parser
         self.tool_parser = tool_parser
-        self.prompts = ChatPromptBuilder(serving.tokenizer, serving.chat_template, reasoning_parser, tool_parser)
+        self.prompts = ChatPromptBuilder(serving.tokenizer, serving.chat_template, reasoning_parser, tool_parser,
+                                         encode=partial(serving.encode_prompt, param="messages",
+                                                        add_special_tokens=False))
 
     # ------------------------------------------------------------------------------------ request
     async def create(self, req: ChatCompletionRequest, raw: Request):
@@ -115,7 +118,7 @@ class ChatServing:
         s.check_model(req.model)
         s.check_n(req.n)
         _check_unsupported(req)
-        prompt = self.prompts.build(req)
+        prompt = await s.off_loop(self.prompts.build, req)
         max_tokens = s.max_tokens(len(prompt.ids), req.max_completion_tokens or req.max_tokens)
         budget = self._thinking_budget(req)
         params = s.choice_params(
@@ -180,16 +183,19 @@ class ChatServing:
                           matched_stop=last.matched_stop)
 
     def _logprobs(self, outs: list[RequestOutput]) -> ChatLogprobs:
-        tok = self.s.token_text
+        """Each token with its raw bytes (see logprob_tokens), so that a client can rebuild the
+        characters that span several tokens; streamed chunks carry the same entries."""
+        tokens = self.s.logprob_tokens
+
+        def entry(token_id: int, lp: float) -> dict:
+            return {"token": tokens.string(token_id), "logprob": lp, "bytes": list(tokens.raw_bytes(token_id))}
+
         content = []
         for out in outs:
             tops = out.top_logprobs or [[] for _ in out.token_ids]
             for token_id, lp, top in zip(out.token_ids, out.logprobs or [], tops):
-                text = tok(token_id)
-                content.append(TokenLogprob(
-                    token=text, logprob=lp, bytes=list(text.encode("utf-8")),
-                    top_logprobs=[TopLogprob(token=tok(t), logprob=v, bytes=list(tok(t).encode("utf-8")))
-                                  for t, v in top]))
+                content.append(TokenLogprob(**entry(token_id, lp),
+                                            top_logprobs=[TopLogprob(**entry(t, v)) for t, v in top]))
         return ChatLogprobs(content=content)
 
     # ------------------------------------------------------------------------------------ streamed

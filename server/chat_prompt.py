@@ -15,6 +15,7 @@ template left the prompt inside `<think>`, so the model's output continues a cal
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +100,25 @@ def ends_in_thinking(prompt: str) -> bool:
     return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
 
 
+# Template variables the request's own fields set: chat_template_kwargs cannot replace them.
+_OWN_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt")
+
+
+def _check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    for name in _OWN_TEMPLATE_VARIABLES:
+        if name in kwargs:
+            raise bad_request(f"chat_template_kwargs cannot set '{name}': the request itself gives it",
+                              param=f"chat_template_kwargs.{name}")
+
+
 class ChatPromptBuilder:
-    def __init__(self, tokenizer, chat_template: str | None, reasoning_parser, tool_parser):
+    """`build` renders and tokenizes (slow for long conversations: run it off the event loop);
+    `encode(text)` gives the rendered prompt's token ids."""
+
+    def __init__(self, tokenizer, chat_template: str | None, reasoning_parser, tool_parser,
+                 encode: Callable[[str], list[int]]):
         self.tokenizer = tokenizer
+        self.encode = encode
         self.chat_template = chat_template
         self.reasoning_parser = reasoning_parser
         self.tool_parser = tool_parser
@@ -153,6 +170,7 @@ class ChatPromptBuilder:
                 at = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
                 messages.insert(at, {"role": "system", "content": describe_tools(tools)})
         kwargs.pop("tools", None)
+        _check_template_kwargs(kwargs)
         text = self.render(messages, tools=template_tools, **kwargs)
         starts = ends_in_thinking(text)
         if self.reasoning_parser is not None and self.reasoning_parser.starts_in_reasoning(thinking):
@@ -163,6 +181,6 @@ class ChatPromptBuilder:
                 text += THINK_END + "\n\n"
             text += prefix
             starts = False
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.encode(text)
         parse_tools = tools if self.tool_parser is not None and tools and choice != "none" else None
         return ChatPrompt(text, ids, parse_tools, prefix, starts, thinking)

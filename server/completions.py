@@ -4,6 +4,7 @@ log-probabilities in OpenAI's legacy shape (`tokens`, `token_logprobs`, `top_log
 score)."""
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.background import BackgroundTask
 
 from dsserve.core.request import RequestHandle, RequestOutput
 from .errors import bad_request, error_body
+from .logprob_tokens import LogprobTokens
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -28,29 +30,63 @@ from .serving import SSE_DONE, Serving, abort_unfinished, engine_error, response
 class _Prompt:
     ids: list[int]
     text: str           # what echo returns
+    shown: list[bool]   # per id, whether its text is part of `text`
+
+
+class _TextOffsets:
+    """`text_offset`: where each token starts in the returned text, in characters.
+
+    A token takes room for the characters its bytes complete: a character split across tokens counts
+    at the token that completes it (where the detokenizer emits it), so the tokens before that one
+    span "", and text[offset[i]:offset[i + 1]] == tokens[i] for every token that is whole UTF-8 and
+    part of the text.  Counting from the tokens' bytes rather than from the text keeps streamed
+    pieces, whose text may hold a split character back, equal to the whole response.  A token whose
+    text is not in the returned text (a BOS the tokenizer added, special tokens skipped, the token
+    that stopped the request) takes no room; the tokens of a matched stop string, which the text is
+    cut before, keep the offsets they would have had.
+    """
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def place(self, shown: bytes) -> int:
+        """The offset of the next token, whose bytes in the returned text are `shown`; moves past them."""
+        offset = self._chars
+        self._chars += len(self._utf8.decode(shown))
+        return offset
 
 
 class _Logprobs:
     """Builds one choice's CompletionLogprobs piece by piece (text_offset runs on across pieces)."""
 
     def __init__(self, serving: Serving, top: int):
-        self.tok = serving.token_text
+        self.tokens = serving.logprob_tokens
         self.top = top
-        self.offset = 0
+        self.offsets = _TextOffsets()
 
-    def piece(self, ids: list[int], lps: list[float | None], tops: list | None) -> CompletionLogprobs:
+    def piece(self, ids: list[int], lps: list[float | None], tops: list | None,
+              shown: list[bool]) -> CompletionLogprobs:
         out = CompletionLogprobs(top_logprobs=[] if self.top else None)
-        for k, (token_id, lp) in enumerate(zip(ids, lps)):
-            text = self.tok(token_id)
-            out.tokens.append(text)
+        for k, (token_id, lp, in_text) in enumerate(zip(ids, lps, shown)):
+            out.tokens.append(self.tokens.string(token_id))
             out.token_logprobs.append(lp)
-            out.text_offset.append(self.offset)
-            self.offset += len(text)
+            out.text_offset.append(self.offsets.place(self.tokens.raw_bytes(token_id) if in_text else b""))
             if self.top:
                 alternatives = tops[k] if tops and k < len(tops) else None
                 out.top_logprobs.append(None if alternatives is None else
-                                        {self.tok(t): v for t, v in alternatives})
+                                        {self.tokens.string(t): v for t, v in alternatives})
         return out
+
+
+def _shown_in_text(out: RequestOutput, skip_special_tokens: bool, tokens: LogprobTokens) -> list[bool]:
+    """Per generated token, whether its text is in the completion's text: skip_special_tokens leaves
+    special tokens out, and the engine never detokenizes the token that stopped the request (EOS or
+    a stop_token_ids entry)."""
+    shown = [not (skip_special_tokens and tokens.is_special(t)) for t in out.token_ids]
+    if shown and out.finished and isinstance(out.matched_stop, int):
+        shown[-1] = False
+    return shown
 
 
 def _join(pieces: list[CompletionLogprobs]) -> CompletionLogprobs:
@@ -78,7 +114,7 @@ class CompletionServing:
             raise bad_request("best_of must equal n (choices are not ranked)", param="best_of")
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias")
-        prompts = self._prompts(req.prompt)
+        prompts = await s.off_loop(self._prompts, req.prompt)
         want_lp = req.logprobs is not None
         s.admit(len(prompts) * req.n)
         rid = s.new_id("cmpl")
@@ -104,13 +140,18 @@ class CompletionServing:
             raise bad_request("the prompt is empty", param="prompt")
         out = []
         for p in prompt:
+            self.s.check_prompt(p, "prompt")
             if isinstance(p, str):
-                tok = self.s.require_tokenizer()
-                out.append(_Prompt(tok.encode(p), p))
+                # Echo returns a text prompt as sent, without the BOS the tokenizer adds: clients cut
+                # the completion off the echo by the prompt's length, or by the first text_offset at
+                # or past it.  The BOS still gets its entry (with a null logprob and no room in the
+                # text), since scorers such as lm-eval-harness pick tokens by position in the ids.
+                ids, added = self.s.require_tokenizer().encode_marking_added(p)
+                out.append(_Prompt(ids, p, [not a for a in added]))
             else:
                 ids = list(p)
                 text = self.s.tokenizer.decode(ids, skip_special_tokens=False) if self.s.tokenizer else ""
-                out.append(_Prompt(ids, text))
+                out.append(_Prompt(ids, text, [True] * len(ids)))
         return out
 
     # ------------------------------------------------------------------------------------ whole
@@ -137,12 +178,14 @@ class CompletionServing:
     def _piece(self, lp: _Logprobs, req: CompletionRequest, prompt: _Prompt, out: RequestOutput,
                first: bool) -> CompletionLogprobs:
         ids, lps, tops = list(out.token_ids), list(out.logprobs or []), list(out.top_logprobs or [])
+        shown = _shown_in_text(out, req.skip_special_tokens, self.s.logprob_tokens)
         if first and req.echo:
             prompt_lps = out.prompt_logprobs or [None] * len(prompt.ids)
             prompt_tops = out.prompt_top_logprobs or [None] * len(prompt.ids)
             ids, lps = prompt.ids + ids, list(prompt_lps) + lps
             tops = list(prompt_tops) + tops if tops or prompt_tops else None
-        return lp.piece(ids, lps, tops)
+            shown = prompt.shown + shown
+        return lp.piece(ids, lps, tops, shown)
 
     # ------------------------------------------------------------------------------------ streamed
     async def _stream(self, req: CompletionRequest, prompts: list[_Prompt], handles: list[RequestHandle],

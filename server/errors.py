@@ -1,12 +1,11 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 `APIError` is what the serving code raises; `install_error_handlers` maps it, FastAPI's validation
-errors (400, with `param` naming the field), unknown routes (404), wrong methods (405) and anything
-unexpected (500, logged with its traceback) to that body.
+errors (400, with `param` naming the field), unknown routes (404) and wrong methods (405) to that
+body. Anything unexpected is middleware.InternalErrorMiddleware's (500, logged with its traceback).
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -14,8 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("dsserve")
+from starlette.routing import Match
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -102,16 +100,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             message = f"unknown route: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         else:
             message = str(exc.detail)
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, headers=headers).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}",
-                        type="server_error").response()
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method a route serves at the request's path (Starlette's 405 names only the first
+    route's, and GET /health and HEAD /health are two routes)."""
+    return sorted({method for route in request.app.router.routes
+                   if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE
+                   for method in route.methods})

@@ -28,10 +28,16 @@ class _EngineCollector:
         with m.lock:
             prompt, cached, generated = m.prompt_tokens, m.cached_prompt_tokens, m.generation_tokens
             finished = dict(m.requests_finished)
+        pages = e.scheduler.allocator
         gauges = [
             ("dsserve_num_running_requests", "requests decoding or prefilling", m.num_running),
             ("dsserve_num_queued_requests", "requests waiting to run", e.queue_depth()),
             ("dsserve_kv_cache_usage", "fraction of KV cache pages held by requests", m.kv_usage),
+            # read as the engine thread left them: with no request running, what is taken is all the
+            # prefix cache's (more would be a leak)
+            ("dsserve_kv_pages_used", "KV cache pages taken, by requests or the prefix cache",
+             pages.num_pages - 1 - pages.num_free),
+            ("dsserve_prefix_cache_pages", "KV cache pages the prefix cache holds", e.tree.cached_pages),
             ("dsserve_prefix_cache_hit_rate", "cached prompt tokens / prompt tokens, over finished requests",
              m.prefix_hit_rate),
         ]

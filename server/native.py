@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from dsserve.core.request import RequestHandle, RequestOutput
@@ -25,7 +25,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving import SSE_DONE, Serving, abort_unfinished, engine_error, sse
+from .serving import SSE_DONE, Serving, abort_unfinished, choice_seed, engine_error, sse
 
 
 class _Accumulated:
@@ -91,13 +91,14 @@ class NativeServing:
             raise bad_request("give exactly one of 'text' and 'input_ids'", param="text")
         if req.text is not None:
             single = isinstance(req.text, str)
-            tok = s.require_tokenizer()
-            batch = [tok.encode(t) for t in ([req.text] if single else req.text)]
+            batch = [await s.off_loop(s.encode_prompt, t, "text") for t in ([req.text] if single else req.text)]
             param = "text"
         else:
             single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
             batch = [list(x) for x in ([req.input_ids] if single else req.input_ids)]
             param = "input_ids"
+            for ids in batch:
+                s.check_prompt(ids, param)
         if not batch:
             raise bad_request(f"'{param}' is empty", param=param)
         sp = req.sampling_params
@@ -116,7 +117,7 @@ class NativeServing:
                     min_p=sp.min_p, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
                     repetition_penalty=sp.repetition_penalty, stop=sp.stop, stop_token_ids=list(sp.stop_token_ids or []),
                     ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
-                    seed=None if seed is None else seed + j, logprobs=req.return_logprob,
+                    seed=choice_seed(seed, j), logprobs=req.return_logprob,
                     top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
                 ) for j in range(sp.n)]
                 handles += s.submit(ids, params, s.new_id("gen"), names=names, prompt_logprobs=prompt_lp)
@@ -155,7 +156,13 @@ class NativeServing:
             abort_unfinished(handles)
 
     # ------------------------------------------------------------------------------------ tokenize
-    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, req: TokenizeRequest) -> Response:
+        return await self.s.off_loop(_answer, self._tokenize, req)
+
+    async def detokenize(self, req: DetokenizeRequest) -> Response:
+        return await self.s.off_loop(_answer, self._detokenize, req)
+
+    def _tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         s = self.s
         s.check_model(req.model)
         tok = s.require_tokenizer()
@@ -171,7 +178,7 @@ class NativeServing:
         batch = [tok.encode(p, add_special_tokens=req.add_special_tokens) for p in req.prompt]
         return TokenizeResponse(tokens=batch, count=[len(x) for x in batch], max_model_len=s.max_context)
 
-    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+    def _detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         s = self.s
         s.check_model(req.model)
         tok = s.require_tokenizer()
@@ -182,3 +189,9 @@ class NativeServing:
                 raise bad_request(f"token ids must be in [0, {s.vocab_size})", param="tokens")
         texts = [tok.decode(ids, skip_special_tokens=req.skip_special_tokens) for ids in batch]
         return DetokenizeResponse(text=texts[0] if single else texts)
+
+
+def _answer(build, req) -> Response:
+    """`build(req)` as a JSON response, serialized where it is built (off the event loop, and by
+    pydantic, several times faster than json.dumps): a long text tokenizes to a long answer."""
+    return Response(build(req).model_dump_json(), media_type="application/json")

@@ -1,20 +1,51 @@
 """Pydantic models of the HTTP API: OpenAI chat/completions/models, tokenize, SGLang's /generate.
 
 Requests accept fields they do not declare (OpenAI clients send `user`, `metadata`, `store`, ...)
-and ignore them. Value ranges that OpenAI documents are checked here, so a bad value is a 400
-naming its field; checks that depend on the server (n against --max-running-requests, the context
-length, the model name) are in the serving code.
+and ignore them. Their declared fields are strict, as OpenAI's are: `true` is no integer (it would
+turn `"logprobs": false` into logprobs 0, `"thinking_budget": true` into a budget of 1) and `"yes"`
+no boolean. Value ranges that OpenAI documents are checked here, so a bad value is a 400 naming its
+field; checks that depend on the server (n against --max-running-requests, the context length, the
+model name) are in the serving code.
 """
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_holds_lone_surrogate(k) or _holds_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_holds_lone_surrogate, value))
+    return False
+
+
+def _characters_only(value: Any) -> Any:
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which is no character: no tokenizer,
+    template or UTF-8 response can take it, so it is refused where it is read."""
+    if _holds_lone_surrogate(value):
+        raise ValueError("holds an unpaired UTF-16 surrogate (such as \\ud800), which is not a character")
+    return value
+
+
+# Every string and free-form object of a request: text the tokenizer, the chat template or an
+# error message may take.
+Text = Annotated[str, AfterValidator(_characters_only)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_characters_only)]
+# What the sampler's 64-bit generator and tensors take.
+Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class _Response(BaseModel):
@@ -29,20 +60,20 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """Sampling fields shared by chat and completions (OpenAI's plus SGLang's extensions)."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    seed: int | None = None
+    seed: Int64 | None = None
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -50,34 +81,34 @@ class _Sampling(_Request):
 
 # ------------------------------------------------------------------------------------- chat
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class FunctionCallIn(_Request):
-    name: str
-    arguments: str | dict[str, Any] = "{}"
+    name: Text
+    arguments: Text | JSONObject = "{}"
 
 
 class ToolCallIn(_Request):
-    id: str | None = None
+    id: Text | None = None
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None
+    tool_call_id: Text | None = None
+    reasoning_content: Text | None = None
 
 
 class FunctionDefinition(_Request):
-    name: str = Field(..., min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    name: Text = Field(..., min_length=1)
+    description: Text | None = None
+    parameters: JSONObject | None = None
     strict: bool | None = None
 
 
@@ -87,7 +118,7 @@ class Tool(_Request):
 
 
 class NamedFunction(_Request):
-    name: str
+    name: Text
 
 
 class NamedToolChoice(_Request):
@@ -103,14 +134,22 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: JSONObject | None = None
     # SGLang extensions
     separate_reasoning: bool = True
     stream_reasoning: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JSONObject | None = None
     thinking_budget: int | None = Field(None, ge=0)
-    custom_logit_processor: str | None = None
-    custom_params: dict[str, Any] | None = None
+    custom_logit_processor: Text | None = None
+    custom_params: JSONObject | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """As OpenAI: top_logprobs without `logprobs: true` is an error, not silently dropped."""
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs 'logprobs': true")
+        return value
 
 
 class FunctionCallOut(_Response):
@@ -213,12 +252,12 @@ class ChatCompletionChunk(_Response):
 
 # ------------------------------------------------------------------------------------- completions
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class CompletionLogprobs(_Response):
@@ -263,9 +302,14 @@ class ModelList(_Response):
 
 # ------------------------------------------------------------------------------------- tokenize
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | list[str] | None = None
-    messages: list[ChatMessage] | None = None
+    """Exactly one of `prompt` and `messages` (the other absent, not null: the OpenAPI document's
+    `oneOf` then says what is accepted)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
+    model: Text | None = None
+    prompt: Text | list[Text] = None
+    messages: list[ChatMessage] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -277,7 +321,7 @@ class TokenizeResponse(_Response):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int] | list[list[int]]
     skip_special_tokens: bool = False
 
@@ -291,29 +335,55 @@ class GenerateSamplingParams(_Request):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = -1
+    top_k: Int64 = -1
     min_p: float = Field(0.0, ge=0, le=1)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: int = Field(1, ge=1)
-    seed: int | None = None
-    sampling_seed: int | None = None
+    seed: Int64 | None = None
+    sampling_seed: Int64 | None = None
 
 
 class GenerateRequest(_Request):
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    """Exactly one of `text` and `input_ids` (the other absent, not null: the OpenAPI document's
+    `oneOf` then says what is accepted)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
+
+    text: Text | list[Text] = None
+    input_ids: list[int] | list[list[int]] = None
     sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
     stream: bool = False
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = Field(0, ge=0, le=20)
-    rid: str | None = None
+    rid: Text | None = None
+
+
+class GenerateResponse(_Response):
+    """One prompt's answer; a batch, or n > 1, answers a list of them (each streamed event adds `index`)."""
+
+    text: str
+    output_ids: list[int]
+    meta_info: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------- admin
+class MessageResponse(_Response):
+    message: str
+
+
+class ModelInfo(_Response):
+    model_path: str | None
+    served_model_name: str
+    tokenizer_path: str | None
+    is_generation: bool
+    max_context_length: int
 
 
 # ------------------------------------------------------------------------------------- errors

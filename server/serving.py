@@ -12,7 +12,8 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 
 from fastapi import Request
@@ -23,12 +24,14 @@ from dsserve.core.errors import EngineUnavailable, RequestError
 from dsserve.core.request import RequestHandle, RequestOutput
 from dsserve.core.sampling_params import SamplingParams
 from .errors import APIError, bad_request
+from .logprob_tokens import LogprobTokens
 from .protocol import PromptTokensDetails, Usage
 
 log = logging.getLogger("dsserve")
 
 TINY_NAME = "dsserve-tiny"
 DISCONNECT_POLL_S = 0.25
+TEXT_WORKERS = 4
 # The engine's field names as the OpenAI API spells them (chat's prompt is its "messages").
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 CHAT_NAMES = {**OPENAI_NAMES, "prompt": "messages"}
@@ -76,7 +79,17 @@ class Serving:
         self.max_n = args.max_running_requests
         self._ids = itertools.count()
         self.live: weakref.WeakSet[RequestHandle] = weakref.WeakSet()   # for abort_all at shutdown
-        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.logprob_tokens = LogprobTokens(self.tokenizer)
+        # Tokenizing and chat templating take time in proportion to the text: on the event loop, one
+        # large prompt would stall every other client.
+        self.text_pool = ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix="dsserve-text")
+
+    def close(self) -> None:
+        self.text_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, fn: Callable, *args):
+        """`fn(*args)` on the text pool: for tokenizing, templating and detokenizing."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
 
     # ------------------------------------------------------------------------------------ checks
     def check_model(self, name: str | None) -> None:
@@ -98,6 +111,35 @@ class Serving:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer: send token ids")
         return self.tokenizer
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters of text one token stands for: its vocabulary piece's length (a
+        byte-level piece has a character per byte, and a text's characters are at most its bytes;
+        a SentencePiece `<0xNN>` piece is longer than its byte; an added token is its text)."""
+        return max(map(len, self.require_tokenizer().hf_tokenizer.get_vocab()), default=1)
+
+    def check_prompt(self, prompt: str | list[int], param: str) -> None:
+        """Refuses a prompt that cannot be served before time or memory goes into it (tokenizing,
+        decoding): token ids that are too many or outside the vocabulary, a text too long for the
+        context, since a token stands for at most `longest_token_chars` characters. The engine checks
+        the token count of what passes."""
+        limit = self.max_context
+        if isinstance(prompt, str):
+            if len(prompt) > limit * self.longest_token_chars:
+                raise bad_request(f"the prompt has {len(prompt)} characters: more than this model's maximum context "
+                                  f"of {limit} tokens can hold", param=param, code="context_length_exceeded")
+        elif len(prompt) >= limit:
+            raise bad_request(f"the prompt has {len(prompt)} tokens, but this model's maximum context is {limit} "
+                              "tokens", param=param, code="context_length_exceeded")
+        elif any(not 0 <= t < self.vocab_size for t in prompt):
+            raise bad_request(f"token ids must be in [0, {self.vocab_size})", param=param)
+
+    def encode_prompt(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids, once it passed `check_prompt` (call it through `off_loop`)."""
+        tokenizer = self.require_tokenizer()
+        self.check_prompt(text, param)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def admit(self, count: int) -> None:
         """503 with Retry-After when `count` more requests would push the queue over the limit."""
@@ -125,7 +167,7 @@ class Serving:
             presence_penalty=req.presence_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop=req.stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            seed=None if req.seed is None else req.seed + i,
+            seed=choice_seed(req.seed, i),
             logprobs=logprobs, top_logprobs=top_logprobs, skip_special_tokens=skip_special_tokens,
         ) for i in range(req.n)]
 
@@ -201,8 +243,11 @@ class Serving:
             abort_unfinished(handles)
         return results
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """Choice i's seed: seed + i, wrapped around within the 64 bits the sampler's generator takes
+    (so any 64-bit seed works with any n)."""
+    return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
 
 
 def abort_unfinished(handles: list[RequestHandle]) -> None:

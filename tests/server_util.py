@@ -8,6 +8,7 @@ call, a `</think>`) scripts the tokens through the engine's `token_override` hoo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 
@@ -52,6 +53,30 @@ def scripted_output(engine, text: str, end_with_eos: bool = True):
     engine.add_request = add_request
     try:
         yield ids
+    finally:
+        del engine.add_request
+
+
+@contextlib.contextmanager
+def first_token_stops(engine):
+    """Every request added while this is active stops at its first token (an EOS it must emit and stop
+    on), whatever its max_tokens or ignore_eos: for tests of the answers' shape, not their text, that
+    cannot wait for long generations on a slow CPU. Requests are checked as they are without this."""
+    eos = engine.tokenizer.eos_token_id
+    original = engine.add_request
+
+    def add_request(*args, sampling_params, token_override=None, **kwargs):
+        def override(output_ids):
+            if token_override is not None:
+                token_override(output_ids)
+            return eos
+
+        params = dataclasses.replace(sampling_params, stop_token_ids=[*sampling_params.stop_token_ids, eos])
+        return original(*args, sampling_params=params, token_override=override, **kwargs)
+
+    engine.add_request = add_request
+    try:
+        yield
     finally:
         del engine.add_request
 

@@ -43,6 +43,7 @@ def post(url, path, body, headers=AUTH):
 # ------------------------------------------------------------------------------------ api key
 def test_api_key_required_everywhere_but_health(url):
     assert httpx.get(url + "/health").status_code == 200
+    assert httpx.head(url + "/health").status_code == 200
     for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions"),
                          ("GET", "/health_generate"), ("POST", "/generate"), ("GET", "/openapi.json"),
                          ("GET", "/no/such/route")]:
@@ -51,6 +52,16 @@ def test_api_key_required_everywhere_but_health(url):
     err = error_of(httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     assert "incorrect" in err["message"]
     assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_openapi_documents_the_key(url):
+    doc = httpx.get(url + "/openapi.json", headers=AUTH).json()
+    assert doc["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            guarded = path != "/health"
+            assert ("401" in op["responses"]) == guarded, (method, path)
+            assert ("security" in op) == guarded, (method, path)
 
 
 def test_api_key_with_openai_client(url):
@@ -152,8 +163,10 @@ def test_engine_failure_is_a_500_and_the_server_survives(url, server):
     engine = server[0]
     engine.run_on_worker(fail_forward, "simulated device failure")
     try:
-        err = error_of(post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}), 500)
+        r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        err = error_of(r, 500)
         assert "simulated device failure" in err["message"] and err["type"] == "server_error"
+        assert r.headers["connection"] == "close"
         with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH,
                           json={"messages": USER, "max_tokens": 2, "stream": True}) as r:
             events = sse_events(r)
