@@ -30,13 +30,7 @@ PAGES = {7: [5, 2], 4: [7, 3]}  # prompt length -> its pages, out of order: the 
 TOLERANCE = 1e-4  # of the largest reference logit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _add_mtp_layer(folder: Path) -> None:

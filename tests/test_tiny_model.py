@@ -32,15 +32,7 @@ def _no_real_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path / "env-cache"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The model is tiny: on a busy machine intra-op threads only add contention (tens of ms per matmul).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
