@@ -15,7 +15,7 @@ import pytest
 from server_util import first_token_stops, running_server
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "st")
-MAX_EXAMPLES = 10       # per operation, for the fuzzing phase; the coverage phase adds its own cases
+MAX_EXAMPLES = 6       # per operation, for the fuzzing phase; the coverage phase adds its own cases
 
 
 @pytest.fixture(scope="module")
