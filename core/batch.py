@@ -14,12 +14,15 @@ class BatchItem:
 
     new_token_ids: list[int]
     prefix_len: int           # tokens of this sequence already in the cache
-    pages: list[int]          # all its pages, enough for prefix + new tokens
+    pages: list[int]          # all its pages, enough for prefix + new tokens (and the drafting after them)
     logits: str = "last"      # which rows need logits: "last", "all" (prompt log-probs) or "none"
+    # Speculative decoding: the last `num_drafts` new tokens are the draft model's guesses after the
+    # sequence's last token, verified in this pass ("last" then means the last 1 + num_drafts rows).
+    num_drafts: int = 0
 
     @property
     def num_logit_rows(self) -> int:
-        return {"all": len(self.new_token_ids), "last": 1, "none": 0}[self.logits]
+        return {"all": len(self.new_token_ids), "last": 1 + self.num_drafts, "none": 0}[self.logits]
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ScheduledBatch:
 
     def __post_init__(self) -> None:
         # Fixed when the batch is made: the step reads them after postprocess has advanced the requests.
-        self.completes = [r.num_computed + len(it.new_token_ids) == r.num_tokens
+        self.completes = [r.num_computed + len(it.new_token_ids) - it.num_drafts == r.num_tokens
                           for r, it in zip(self.requests, self.items)]
         self.sampling = [r for r, done in zip(self.requests, self.completes) if done]
 

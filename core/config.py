@@ -18,6 +18,10 @@ QUANTIZATION_METHODS = [
 ]
 
 
+# Both names mean drafting with the model's own MTP layer (SGLang spells DeepSeek's NEXTN as EAGLE too).
+SERVED_SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")
+
+
 def flag_error(name: str, message: str) -> ValueError:
     """A bad flag value, named as the user types it."""
     return ValueError(f"--{name.replace('_', '-')} {message}")
@@ -107,14 +111,19 @@ class EngineArgs:
     disable_overlap_schedule: bool = flag(False, "do not overlap scheduling with the forward pass",
                                           group="kernels")
     # speculative decoding (MTP / EAGLE)
-    speculative_algorithm: str | None = flag(None, "speculative decoding algorithm", group="speculative decoding",
-                                             choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"])
-    speculative_draft_model_path: str | None = flag(None, "draft model folder (default: the model's MTP layer)",
-                                                    group="speculative decoding")
-    speculative_num_steps: int | None = flag(None, "draft steps per verification", group="speculative decoding")
-    speculative_eagle_topk: int | None = flag(None, "draft branches per step", group="speculative decoding")
-    speculative_num_draft_tokens: int | None = flag(None, "draft tokens verified per step",
-                                                    group="speculative decoding")
+    speculative_algorithm: str | None = flag(
+        None, "speculative decoding: EAGLE or NEXTN drafts with the checkpoint's own MTP layer and verifies the "
+        "drafts in one pass (output unchanged); EAGLE3, STANDALONE and NGRAM are not served",
+        group="speculative decoding", choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"])
+    speculative_draft_model_path: str | None = flag(None, "draft model folder (not served: the model's MTP layer "
+                                                    "drafts)", group="speculative decoding")
+    speculative_num_steps: int | None = flag(None, "draft tokens per step, each chained on the MTP layer's "
+                                             "previous output (default 1: the one token DeepSeek trained it for)",
+                                             group="speculative decoding")
+    speculative_eagle_topk: int | None = flag(None, "draft branches per step (1: a single chain, the only shape "
+                                              "served)", group="speculative decoding")
+    speculative_num_draft_tokens: int | None = flag(None, "tokens verified per step (a chain verifies "
+                                                    "--speculative-num-steps + 1)", group="speculative decoding")
     # prefill/decode disaggregation
     disaggregation_mode: str = flag("null", "serve only prefill or only decode", group="disaggregation",
                                     choices=["null", "prefill", "decode"])
@@ -146,6 +155,13 @@ class EngineArgs:
         if self.ep_size not in (1, self.tp_size):
             raise flag_error("ep_size", f"must be 1 or --tp-size ({self.tp_size}): experts are split over the "
                                         f"tensor-parallel ranks, got {self.ep_size}")
+
+    @property
+    def speculative_steps(self) -> int:
+        """Draft tokens proposed per step by the MTP layer; 0 without speculative decoding."""
+        if self.speculative_algorithm not in SERVED_SPECULATIVE_ALGORITHMS:
+            return 0
+        return self.speculative_num_steps or 1
 
     def _check_compat_flags(self) -> None:
         """The values of the SGLang-compatibility flags (parallelism, kernels, speculative, disaggregation)."""

@@ -26,7 +26,7 @@ from .radix_cache import RadixCache
 from .request import Finish, GenerateOutput, Request, RequestHandle
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .worker_protocol import ModelInfo, SampleOutput, SequenceStart, StepInput
+from .worker_protocol import ModelInfo, SequenceStart, StepInput, StepOutput
 
 log = logging.getLogger("dsserve")
 
@@ -54,7 +54,8 @@ class Engine:
             self.metrics = Metrics()
             pages = PageAllocator(self.info.num_pages, self.info.page_size)
             self.tree = RadixCache(pages, pages.page_size, enabled=not args.disable_radix_cache)
-            self.scheduler = Scheduler(pages, self.tree, args.max_running_requests, args.chunked_prefill_size)
+            self.scheduler = Scheduler(pages, self.tree, args.max_running_requests, args.chunked_prefill_size,
+                                       args.speculative_steps)
             self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.metrics)
             self._inbox: deque[InboxMessage] = deque()
             self._rids = itertools.count()
@@ -261,16 +262,16 @@ class Engine:
             self._apply(message)
         batch = self.scheduler.schedule()
         if batch is not None:
-            sampled = self._forward(batch)
-            if sampled is not None:
-                finished = self.scheduler.postprocess(batch, sampled, self.outputs.check_finish)
+            out = self._forward(batch)
+            if out is not None:
+                finished = self.scheduler.postprocess(batch, out, self.outputs.check_finish)
                 self.outputs.emit_step(batch.sampling, finished)
         # after the step: a flush that waited for the last running request completes as it ends,
         # not when (if ever) the engine next wakes up
         self._complete_flushes()
         self._update_metrics()
 
-    def _forward(self, batch: ScheduledBatch) -> SampleOutput | None:
+    def _forward(self, batch: ScheduledBatch) -> StepOutput | None:
         """The batch's next tokens; None when the pass failed (its requests are then ended with an
         error: one broken batch must not take the engine down)."""
         out = self.executor.execute(self._step_input(batch))
@@ -283,7 +284,7 @@ class Engine:
         for req in batch.requests:
             if req.rid in out.prompt_logprobs:
                 req.record_prompt_logprobs(out.prompt_logprobs[req.rid])
-        return out.sampled
+        return out
 
     def _step_input(self, batch: ScheduledBatch) -> StepInput:
         """The pass as the worker sees it: new requests' sampling state, the forced tokens (a
@@ -358,6 +359,7 @@ class Engine:
         m.num_running, m.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         m.kv_usage = self.scheduler.kv_usage()
         m.retractions = self.scheduler.num_retractions
+        m.spec_verifications, m.spec_verified_tokens = self.scheduler.num_verified, self.scheduler.num_verified_tokens
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool):

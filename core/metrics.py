@@ -19,6 +19,8 @@ class Metrics:
     generation_tokens: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)   # by finish reason
     retractions: int = 0
+    spec_verifications: int = 0        # speculative decoding: requests' verify passes with drafts,
+    spec_verified_tokens: int = 0      # and the tokens they committed (accepted drafts + the target's own)
     ttft: deque = field(default_factory=lambda: deque(maxlen=_RECENT))
     itl: deque = field(default_factory=lambda: deque(maxlen=_RECENT))
     listeners: list[Callable[[str, float], None]] = field(default_factory=list)
@@ -27,6 +29,11 @@ class Metrics:
     @property
     def prefix_hit_rate(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def spec_accept_length(self) -> float:
+        """Tokens a request commits per verify pass (1 + accepted drafts), on average."""
+        return self.spec_verified_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.append(seconds)

@@ -50,13 +50,31 @@ class ModelRunner:
         log.info("device: %s; dtype %s%s", self.device.describe(), str(self.dtype).removeprefix("torch."),
                  f"; tensor-parallel rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "")
         self.model = build_model(self.model_path, cfg, ctx, allow_nonfinite=args.allow_nonfinite_weights)
+        # The draft model of speculative decoding: the checkpoint's MTP layer, with a KV cache of its own
+        # (the pool's last) on the same pages as the model's.
+        self.mtp = self._build_mtp(cfg, ctx, args) if args.speculative_steps else None
         self.context_len = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.backends = [layer.self_attn.backend for layer in self.model.layers]
+        if self.mtp is not None:
+            self.backends += self.mtp.attention_backends()
         self.kv = KVPool(self.backends, self._pool_pages(args), self.torch_device)
         per_token = KVPool.bytes_per_token(self.backends)
         log.info("KV cache: %s, %d tokens in %d pages of %d (%.1f MiB, %d B/token); longest context %d tokens",
                  str(self.kv_cache_dtype).removeprefix("torch."), self.kv.capacity_tokens, self.kv.num_pages,
                  self.kv.page_size, self.kv.capacity_tokens * per_token / 2**20, per_token, self.max_context)
+
+    def _build_mtp(self, cfg, ctx, args: EngineArgs):
+        from dsserve.models.loader import CheckpointError
+        from dsserve.models.mtp import build_mtp
+
+        try:
+            mtp = build_mtp(self.model_path, cfg, ctx, self.model, allow_nonfinite=args.allow_nonfinite_weights)
+        except CheckpointError as e:
+            raise CheckpointError(f"--speculative-algorithm {args.speculative_algorithm} drafts with the model's MTP "
+                                  f"layer: {e}") from None
+        log.info("speculative decoding: the MTP layer drafts %d token(s) a step, verified in one pass",
+                 args.speculative_steps)
+        return mtp
 
     @property
     def max_context(self) -> int:
@@ -81,14 +99,30 @@ class ModelRunner:
             pages = int(agreed)
         return pages
 
-    @torch.inference_mode()
     def forward(self, items: list[BatchItem]) -> torch.Tensor:
         """float32 logits of the rows the items ask for (BatchItem.logits), item by item."""
+        return self.forward_hidden(items)[0]
+
+    @torch.inference_mode()
+    def forward_hidden(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's logits, and the final-normed hidden states of every new token [T, hidden]
+        (what the MTP layer drafts from)."""
         batch = self._forward_batch(items)
         for backend in self.model.attention_backends():  # one per distinct spec, not per layer
             backend.prepare(batch.attn)
         hidden = self.model(batch.input_ids, batch.attn, self.kv.caches)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        return self.model.compute_logits(hidden[batch.logits_indices]), hidden
+
+    @torch.inference_mode()
+    def draft(self, items: list[BatchItem], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the MTP layer over its own cache: items' tokens (t_{i+1} at position i) with
+        `hidden` [T, hidden] (h_i, a row per token); the draft logits of the rows the items ask for
+        and the layer's output there (the next draft step's h)."""
+        batch = self._forward_batch(items)
+        for backend in self.mtp.attention_backends():
+            backend.prepare(batch.attn)
+        out = self.mtp(batch.input_ids, hidden, batch.attn, self.kv.caches[-1])[batch.logits_indices]
+        return self.mtp.compute_logits(out), out
 
     def _forward_batch(self, items: list[BatchItem]) -> ForwardBatch:
         meta = AttentionMetadata.build(

@@ -171,6 +171,7 @@ class Request:
     num_computed: int = 0
     cached_tokens: int = 0
     prefix_node: Any = None
+    draft_ids: list[int] = field(default_factory=list)   # speculative decoding: guesses after the last token
     want_prompt_logprobs: bool = False
     # Called before each sampling step with the output so far; a token id it returns is emitted
     # instead of the sampled one (the server's thinking budget uses it).

@@ -36,19 +36,26 @@ def sample(
         probs = _filtered_probs(logits[rows], [params[i] for i in sampled_rows])
         # Exponential race (argmax p/E) samples from p; each row draws from its own generator, so a
         # seeded request gets the same noise alone or in any batch.
-        noise = torch.stack([
-            torch.empty(logits.shape[1], device=logits.device).exponential_(generator=generators[i])
-            for i in sampled_rows
-        ])
+        noise = torch.stack([exponential_noise(probs.shape[1], generators[i], probs.device) for i in sampled_rows])
         chosen[rows] = (probs / noise).argmax(dim=-1)
     for i, token in enumerate(forced or []):
         if token is not None:
             chosen[i] = token
-    token_ids = chosen.tolist()
-    want_lp = any(p.logprobs or p.top_logprobs for p in params)
-    if not want_lp:
+    return with_logprobs(raw, chosen.tolist(), params)
+
+
+def exponential_noise(size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """One draw of the exponential race: argmax(p / noise) is a sample of p."""
+    return torch.empty(size, device=device).exponential_(generator=generator)
+
+
+def with_logprobs(raw: torch.Tensor, token_ids: list[int], params: list[SamplingParams]) -> SampleOutput:
+    """The chosen tokens (row i of the unmodified logits `raw` chose token_ids[i], with params[i]) and,
+    where asked, their log-probs and the top alternatives of their rows."""
+    if not any(p.logprobs or p.top_logprobs for p in params):
         return SampleOutput(token_ids, None, None)
     logp = torch.log_softmax(raw, dim=-1)
+    chosen = torch.tensor(token_ids, device=logp.device)
     chosen_lp = logp.gather(1, chosen[:, None])[:, 0].tolist()
     k = max(p.top_logprobs for p in params)
     top = None
@@ -68,17 +75,17 @@ class SequenceSampling:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
 
+    def token_at(self, position: int) -> int:
+        """Token `position` of the sequence (prompt, then output)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
 
 def sample_step(step: StepInput, logits: torch.Tensor, sequences: dict[str, SequenceSampling]) -> StepOutput:
     """One token for each completing request of `step`, in batch order, from the last logits row of
     each; the prompt log-probs of the items that asked for them."""
     rows = logit_rows(step.items)
-    prompt_lp = {}
-    for rid, item, r in zip(step.rids, step.items, rows):
-        if item.logits == "all":
-            seq = sequences[rid]
-            prompt_lp[rid] = prompt_logprobs(logits[r.start:r.stop], item.prefix_len, seq.prompt_ids,
-                                             seq.params.top_logprobs)
+    prompt_lp = step_prompt_logprobs(step, logits, rows, sequences)
     seqs = [sequences[rid] for rid, done in zip(step.rids, step.completes) if done]
     if not seqs:
         return StepOutput(SampleOutput([], None, None), prompt_lp)
@@ -88,6 +95,18 @@ def sample_step(step: StepInput, logits: torch.Tensor, sequences: dict[str, Sequ
     for seq, token in zip(seqs, sampled.token_ids):
         seq.output_ids.append(token)
     return StepOutput(sampled, prompt_lp)
+
+
+def step_prompt_logprobs(step: StepInput, logits: torch.Tensor, rows: list[range],
+                         sequences: dict[str, SequenceSampling]) -> dict[str, list[PromptLogprob]]:
+    """The prompt log-probs of the items of `step` that asked for them, by request."""
+    found = {}
+    for rid, item, r in zip(step.rids, step.items, rows):
+        if item.logits == "all":
+            seq = sequences[rid]
+            found[rid] = prompt_logprobs(logits[r.start:r.stop], item.prefix_len, seq.prompt_ids,
+                                         seq.params.top_logprobs)
+    return found
 
 
 def prompt_logprobs(rows: torch.Tensor, prefix_len: int, prompt_ids: list[int], k: int) -> list[PromptLogprob]:

@@ -5,6 +5,10 @@ requests, within `chunked_prefill_size` tokens) or a *decode* pass (one token fo
 request). While prompts wait, the two alternate so running requests keep decoding during a long
 prefill. Memory: pages come from the allocator, then from evicting the prefix tree, then from
 retracting the requests with the least progress (they resume later with identical output).
+
+With speculative decoding a decode pass also feeds each request's drafts after its last token
+(core/speculative.py); the pass commits 1..drafts+1 tokens of it, and the pages past what it
+committed go back to the allocator (rejected drafts never reach the prefix tree).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from .batch import BatchItem, ScheduledBatch
 from .kv_cache import PageAllocator
 from .radix_cache import RadixCache
 from .request import Finish, Request
-from .worker_protocol import SampleOutput
+from .worker_protocol import StepOutput
 
 log = logging.getLogger("dsserve")
 
@@ -31,10 +35,14 @@ class Scheduler:
     """Owns every request from its arrival to its end: the queue, the running set, their KV pages
     and the token accounting after each pass."""
 
-    def __init__(self, allocator: PageAllocator, tree: RadixCache, max_running: int, chunked_prefill_size: int):
+    def __init__(self, allocator: PageAllocator, tree: RadixCache, max_running: int, chunked_prefill_size: int,
+                 draft_steps: int = 0):
         self.allocator, self.tree = allocator, tree
         self.max_running = max_running
         self.chunk_budget = chunked_prefill_size
+        # The worker's drafting writes the MTP layer's cache this many positions past a pass's own tokens.
+        self.draft_lookahead = max(0, draft_steps - 1)
+        self.num_verified = self.num_verified_tokens = 0   # requests' verify passes, tokens they committed
         self.requests: dict[str, Request] = {}   # every request not yet finished, by rid
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -74,19 +82,33 @@ class Scheduler:
         self._last_kind = "decode"
         return self._schedule_decode(decoding)
 
-    def postprocess(self, batch: ScheduledBatch, sampled: SampleOutput,
+    def postprocess(self, batch: ScheduledBatch, out: StepOutput,
                     check_finish: Callable[[Request], Finish | None]) -> dict[Request, Finish]:
-        """Account for a pass that ran: its tokens are now in the cache, each sampling request takes
-        its new token, and those that `check_finish` says are done finish (their pages freed)."""
-        for req, item in zip(batch.requests, batch.items):
-            req.num_computed += len(item.new_token_ids)
+        """Account for a pass that ran: its tokens are now in the cache (but rejected drafts), each
+        sampling request takes its new tokens one by one, and those that `check_finish` says are done
+        finish (their pages freed; a stop inside an accepted run ends the request there)."""
+        runs, drafts = iter(out.committed()), iter(out.drafts or [])
         finished = {}
-        for j, req in enumerate(batch.sampling):
-            req.append_token(*sampled.row(j))
-            finish = check_finish(req)
-            if finish is not None:
-                self.finish(req)
-                finished[req] = finish
+        for req, item, done in zip(batch.requests, batch.items, batch.completes):
+            if not done:
+                req.num_computed += len(item.new_token_ids)
+                continue
+            run = next(runs)
+            req.num_computed += len(item.new_token_ids) - item.num_drafts + len(run) - 1
+            req.draft_ids = next(drafts, []) if req.token_override is None else []
+            if item.num_drafts:
+                self.num_verified += 1
+                self.num_verified_tokens += len(run)
+            for row in run:
+                req.append_token(*out.sampled.row(row))
+                finish = check_finish(req)
+                if finish is not None:
+                    req.num_computed = min(req.num_computed, req.num_tokens - 1)  # the KV a non-speculative run has
+                    self.finish(req)
+                    finished[req] = finish
+                    break
+            else:
+                self._shrink(req)
         return finished
 
     def finish(self, req: Request) -> None:
@@ -112,7 +134,7 @@ class Scheduler:
             if r.is_decoding:
                 continue
             chunk = min(r.uncomputed, budget)
-            if not self._grow(r, r.num_computed + chunk):
+            if not self._grow(r, self._backed(r, chunk)):
                 break
             reqs.append(r)
             chunks.append(chunk)
@@ -157,7 +179,7 @@ class Scheduler:
         if not r.retractions:  # a resumed request re-matches its own pages: not prompt cache hits
             r.cached_tokens = cached
         chunk = min(r.uncomputed, budget)
-        if not self._grow(r, r.num_computed + chunk):
+        if not self._grow(r, self._backed(r, chunk)):
             self._release(r)
             return 0
         self.waiting.popleft()
@@ -179,9 +201,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ decode step
     def _schedule_decode(self, decoding: list[Request]) -> ScheduledBatch | None:
-        page = self.allocator.page_size
         while True:
-            need = sum(1 for r in decoding if r.num_computed % page == 0)
+            need = sum(self.allocator.pages_for(self._backed(r, 1 + len(self._drafts(r)))) - len(r.pages)
+                       for r in decoding)
             if need <= self.allocator.num_free:
                 break
             self.tree.evict(need - self.allocator.num_free)
@@ -190,11 +212,27 @@ class Scheduler:
             self._retract(decoding)
         if not decoding:
             return None
+        items = []
         for r in decoding:
-            self._grow(r, r.num_computed + 1)
+            drafts = self._drafts(r)
+            self._grow(r, self._backed(r, 1 + len(drafts)))
+            items.append(BatchItem([r.output_ids[-1], *drafts], r.num_computed, r.pages, "last", len(drafts)))
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        items = [BatchItem([r.output_ids[-1]], r.num_computed, r.pages, "last") for r in decoding]
         return ScheduledBatch("decode", decoding, items)
+
+    @staticmethod
+    def _drafts(r: Request) -> list[int]:
+        """The drafts r's next decode pass verifies: no more than its token budget can still take."""
+        return r.draft_ids[: max(0, r.params.max_new_tokens - len(r.output_ids) - 1)]
+
+    def _backed(self, r: Request, fed: int) -> int:
+        """Tokens of r that need pages for a pass feeding `fed` of them: its cache so far, those, and
+        when the pass completes r's input, the MTP layer's drafting after them (never past r's longest
+        possible sequence)."""
+        tokens = r.num_computed + fed
+        if tokens < r.num_tokens:
+            return tokens
+        return min(tokens + self.draft_lookahead, max(tokens, len(r.prompt_ids) + r.params.max_new_tokens))
 
     def _retract(self, decoding: list[Request]) -> None:
         """Send the request with the least progress back to the queue, freeing its pages."""
@@ -223,6 +261,13 @@ class Scheduler:
         r.pages.extend(pages)
         return True
 
+    def _shrink(self, r: Request) -> None:
+        """Free r's pages past its cache (those of rejected drafts and of the drafting after them)."""
+        keep = self.allocator.pages_for(r.num_computed)
+        if len(r.pages) > keep:
+            self.allocator.free(r.pages[keep:])
+            del r.pages[keep:]
+
     def _release(self, r: Request) -> None:
         """Hand r's computed full pages to the prefix tree, free the rest, drop its tree lock."""
         page = self.allocator.page_size
@@ -231,4 +276,4 @@ class Scheduler:
         self.allocator.free(duplicates + r.pages[full:])
         if r.prefix_node is not None:
             self.tree.unlock(r.prefix_node)
-        r.pages, r.num_computed, r.prefix_node = [], 0, None
+        r.pages, r.num_computed, r.prefix_node, r.draft_ids = [], 0, None, []

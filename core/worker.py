@@ -20,6 +20,7 @@ from .config import EngineArgs
 from .distributed import RankInfo
 from .model_runner import ModelRunner
 from .sampling import SequenceSampling, sample_step
+from .speculative import MTPSpeculator
 from .worker_protocol import ModelInfo, Shutdown, StepInput, StepOutput, WorkerCall, WorkerMessage, WorkerStart
 
 log = logging.getLogger("dsserve")
@@ -32,6 +33,7 @@ class ModelWorker:
     def __init__(self, args: EngineArgs, ranks: RankInfo = RankInfo()):
         self.runner = ModelRunner(args, ranks=ranks)
         self.sequences: dict[str, SequenceSampling] = {}
+        self.speculator = MTPSpeculator(self.runner, args.speculative_steps) if self.runner.mtp is not None else None
 
     def info(self) -> ModelInfo:
         r = self.runner
@@ -49,6 +51,8 @@ class ModelWorker:
             generator = torch.Generator(self.runner.torch_device).manual_seed(s.seed)
             self.sequences[s.rid] = SequenceSampling(s.params, generator, s.prompt_ids)
         try:
+            if self.speculator is not None:
+                return self.speculator.step(step, self.sequences)
             return sample_step(step, self.runner.forward(step.items), self.sequences)
         except Exception:  # one broken pass ends its requests, not the worker
             error = traceback.format_exc()

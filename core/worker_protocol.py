@@ -90,11 +90,27 @@ class SampleOutput:
 class StepOutput:
     """The tokens sampled for the completing requests (in batch order) and the prompt log-probs this
     pass computed, by request; or `error` (a traceback) when the pass failed: its requests end with
-    an error and the worker goes on serving."""
+    an error and the worker goes on serving.
+
+    With speculative decoding a completing request commits `num_committed[j]` tokens (its accepted
+    drafts and one token of the target's own): `sampled` has that many rows for it, request after
+    request; `drafts[j]` are the draft model's guesses after its last one, for the next pass to verify.
+    Without it both are None: one row per request."""
 
     sampled: SampleOutput | None = None
     prompt_logprobs: dict[str, list[PromptLogprob]] = field(default_factory=dict)
     error: str | None = None
+    num_committed: list[int] | None = None
+    drafts: list[list[int]] | None = None
+
+    def committed(self) -> list[range]:
+        """The rows of `sampled` that belong to each completing request, in batch order."""
+        counts = self.num_committed or [1] * len(self.sampled.token_ids)
+        rows, start = [], 0
+        for n in counts:
+            rows.append(range(start, start + n))
+            start += n
+        return rows
 
 
 @dataclass(frozen=True)

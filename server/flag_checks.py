@@ -1,13 +1,15 @@
 """Start-up warnings: one line for each flag that is accepted but has no effect here.
 
 SGLang users' commands carry flags for features dsserve has not built (tensor parallelism across
-devices, graph capture, speculative decoding, disaggregation, ...) or that mean nothing on the
+devices, graph capture, draft models, disaggregation, ...) or that mean nothing on the
 chosen device. They are accepted, so those commands start, and each is named in one warning line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from dsserve.core.config import SERVED_SPECULATIVE_ALGORITHMS
 
 from .args import ServerArgs
 
@@ -68,10 +70,7 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
     if args.disable_overlap_schedule:
         warn("disable_overlap_schedule", "the scheduler does not overlap with the forward pass, so there is "
              "nothing to disable")
-    for dest in ("speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
-                 "speculative_eagle_topk", "speculative_num_draft_tokens"):
-        if getattr(args, dest) is not None:
-            warn(dest, "speculative decoding is not built yet", getattr(args, dest))
+    _speculative_warnings(args, warn)
     if args.disaggregation_mode != "null":
         warn("disaggregation_mode", "prefill/decode disaggregation is not built yet; this server does both",
              args.disaggregation_mode)
@@ -79,3 +78,27 @@ def inactive_flag_warnings(args: ServerArgs, device_name: str, argv: list[str] |
         if getattr(args, dest) is not None:
             warn(dest, "prefill/decode disaggregation is not built yet", getattr(args, dest))
     return lines
+
+
+def _speculative_warnings(args: ServerArgs, warn) -> None:
+    """The speculative flags that do not shape what runs: MTP drafting is a single chain of
+    --speculative-num-steps tokens (SGLang's commands for DeepSeek also name tree shapes)."""
+    spec = ("speculative_draft_model_path", "speculative_num_steps", "speculative_eagle_topk",
+            "speculative_num_draft_tokens")
+    if args.speculative_algorithm is None:
+        for dest in spec:
+            if getattr(args, dest) is not None:
+                warn(dest, "there is no speculative decoding without --speculative-algorithm", getattr(args, dest))
+        return
+    if args.speculative_algorithm not in SERVED_SPECULATIVE_ALGORITHMS:
+        warn("speculative_algorithm", "only EAGLE/NEXTN (the model's own MTP layer drafting) is served; decoding "
+             "runs without speculation", args.speculative_algorithm)
+        return
+    if args.speculative_draft_model_path is not None:
+        warn("speculative_draft_model_path", "the model's own MTP layer drafts", args.speculative_draft_model_path)
+    if (args.speculative_eagle_topk or 1) > 1:
+        warn("speculative_eagle_topk", "drafts are a single chain (topk 1)", args.speculative_eagle_topk)
+    chain = args.speculative_steps + 1
+    if args.speculative_num_draft_tokens is not None and args.speculative_num_draft_tokens != chain:
+        warn("speculative_num_draft_tokens", f"a chain of {args.speculative_steps} draft token(s) verifies {chain} "
+             "tokens per step", args.speculative_num_draft_tokens)

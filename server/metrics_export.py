@@ -40,6 +40,8 @@ class _EngineCollector:
             ("dsserve_prefix_cache_pages", "KV cache pages the prefix cache holds", e.tree.cached_pages),
             ("dsserve_prefix_cache_hit_rate", "cached prompt tokens / prompt tokens, over finished requests",
              m.prefix_hit_rate),
+            ("dsserve_spec_accept_length", "speculative decoding: tokens a request commits per verify pass "
+             "(1 + accepted drafts), on average", m.spec_accept_length),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=float(value))
@@ -48,6 +50,10 @@ class _EngineCollector:
             ("dsserve_cached_prompt_tokens", "prompt tokens served from the prefix cache", cached),
             ("dsserve_generation_tokens", "generated tokens of finished requests", generated),
             ("dsserve_retractions", "requests retracted to free KV cache", m.retractions),
+            ("dsserve_spec_verifications", "speculative decoding: verify passes of a request with drafts",
+             m.spec_verifications),
+            ("dsserve_spec_verified_tokens", "speculative decoding: tokens those verify passes committed",
+             m.spec_verified_tokens),
         ]:
             yield CounterMetricFamily(name, doc, value=float(value))
         by_reason = CounterMetricFamily("dsserve_requests_finished", "finished requests by finish reason",

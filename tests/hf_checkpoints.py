@@ -468,3 +468,22 @@ if __name__ == "__main__":  # python tests/hf_checkpoints.py OUT_DIR: build ever
         ck = build(case, root / case)
         n = sum(p.numel() for p in ck.model.parameters())
         print(f"{case:28s} {n:>9,d} params  published_form={ck.published_form}  {ck.path}")
+
+
+def add_mtp_layer(folder) -> None:
+    """Append an MTP layer in DeepSeek-V3's published names, with no embedding or head copy: a decoder
+    layer drawn like the last one (each tensor with its mean and std), enorm, hnorm, eh_proj and
+    shared_head.norm."""
+    cfg = json.loads((folder / "config.json").read_text())
+    n, dim = cfg["num_hidden_layers"], cfg["hidden_size"]
+    folder = Path(folder)
+    gen = torch.Generator().manual_seed(61)
+    tensors = read_tensors(folder)
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    for name in [k for k in tensors if k.startswith(last)]:
+        t = tensors[name]
+        tensors[mtp + name[len(last):]] = t.mean() + t.std() * torch.randn(t.shape, generator=gen)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{mtp}{norm}.weight"] = 1 + 0.1 * torch.randn(dim, generator=gen)
+    tensors[mtp + "eh_proj.weight"] = torch.randn(dim, 2 * dim, generator=gen) / (2 * dim) ** 0.5
+    write_tensors(folder, tensors)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_checkpoints import build, read_tensors, write_tensors
+from hf_checkpoints import add_mtp_layer, build, read_tensors, write_tensors
 
 from dsserve.models.loader import CheckpointError
 
@@ -33,30 +33,12 @@ TOLERANCE = 1e-4  # of the largest reference logit
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _add_mtp_layer(folder: Path) -> None:
-    """Append an MTP layer in DeepSeek-V3's published names, with no embedding or head copy: a decoder
-    layer drawn like the last one (each tensor with its mean and std), enorm, hnorm, eh_proj and
-    shared_head.norm."""
-    cfg = json.loads((folder / "config.json").read_text())
-    n, dim = cfg["num_hidden_layers"], cfg["hidden_size"]
-    gen = torch.Generator().manual_seed(61)
-    tensors = read_tensors(folder)
-    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
-    for name in [k for k in tensors if k.startswith(last)]:
-        t = tensors[name]
-        tensors[mtp + name[len(last):]] = t.mean() + t.std() * torch.randn(t.shape, generator=gen)
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"{mtp}{norm}.weight"] = 1 + 0.1 * torch.randn(dim, generator=gen)
-    tensors[mtp + "eh_proj.weight"] = torch.randn(dim, 2 * dim, generator=gen) / (2 * dim) ** 0.5
-    write_tensors(folder, tensors)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     from dsserve.models.tiny import ensure_tiny_model
 
     v3 = build("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3")).path
-    _add_mtp_layer(v3)
+    add_mtp_layer(v3)
     return {"dsserve-tiny": ensure_tiny_model(tmp_path_factory.mktemp("cache")), "deepseek_v3": v3}
 
 

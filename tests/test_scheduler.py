@@ -11,15 +11,17 @@ from dsserve.core.batch import BatchItem, ScheduledBatch
 from dsserve.core.kv_cache import PageAllocator
 from dsserve.core.radix_cache import RadixCache
 from dsserve.core.request import Finish, Request
-from dsserve.core.worker_protocol import SampleOutput
+from dsserve.core.worker_protocol import SampleOutput, StepOutput
 from dsserve.core.sampling_params import SamplingParams
 from dsserve.core.scheduler import MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY, Scheduler
 
 
 # ------------------------------------------------------------------------------------- helpers
-def make(num_pages=65, page_size=4, max_running=8, chunk=64):
+def make(num_pages=65, page_size=4, max_running=8, chunk=64, draft_steps=0):
     allocator = PageAllocator(num_pages, page_size)
-    return Scheduler(allocator, RadixCache(allocator, page_size), max_running, chunk)
+    s = Scheduler(allocator, RadixCache(allocator, page_size), max_running, chunk, draft_steps)
+    s.test_drafter = None   # (steps, rng) for the stand-in worker's drafts; see `step`
+    return s
 
 
 _arrivals = itertools.count()
@@ -41,12 +43,32 @@ def by_length(r):
 
 
 def step(s, check_finish=by_length):
-    """One engine step: schedule, 'run' (one token per completing request), postprocess."""
+    """One engine step: schedule, 'run', postprocess. The stand-in worker commits one token per
+    completing request, after the drafts of it that agree with model_token (speculative decoding's
+    verification); with `s.test_drafter` it drafts the true continuation, each guess wrong with
+    probability 1/3."""
     batch = s.schedule()
     if batch is None:
         return None, {}
-    sampled = SampleOutput([model_token(r.all_ids) for r in batch.sampling], None, None)
-    return batch, s.postprocess(batch, sampled, check_finish)
+    tokens, counts, drafts = [], [], []
+    for r, item in zip(batch.requests, batch.items):
+        if r not in batch.sampling:
+            continue
+        ids = r.all_ids
+        for guess in item.new_token_ids[len(item.new_token_ids) - item.num_drafts:]:
+            if guess != model_token(ids):
+                break
+            ids = ids + [guess]
+        ids = ids + [model_token(ids)]
+        tokens += ids[r.num_tokens:]
+        counts.append(len(ids) - r.num_tokens)
+        if s.test_drafter is not None:
+            steps, rng = s.test_drafter
+            guesses = reference(ids, steps)
+            drafts.append([g if rng.random() < 2 / 3 else g + 1 for g in guesses])
+    out = StepOutput(SampleOutput(tokens, None, None), num_committed=counts if s.test_drafter else None,
+                     drafts=drafts if s.test_drafter else None)
+    return batch, s.postprocess(batch, out, check_finish)
 
 
 def reference(prompt, max_new):
@@ -346,7 +368,7 @@ def test_postprocess_accounts_tokens_logprobs_and_finishes():
         return Finish("length") if r is b else None
 
     top_a, top_b = [(7, -0.5), (1, -2.0)], [(9, -1.5), (2, -3.0)]
-    finished = s.postprocess(batch, SampleOutput([7, 9], [-0.5, -1.5], [top_a, top_b]), check_finish)
+    finished = s.postprocess(batch, StepOutput(SampleOutput([7, 9], [-0.5, -1.5], [top_a, top_b])), check_finish)
     assert finished == {b: Finish("length")} and calls == [a, b]
     assert (a.num_computed, c.num_computed) == (5, 4)
     assert (a.output_ids, a.logprobs, a.top_logprobs) == ([7], [-0.5], [top_a])
@@ -369,7 +391,7 @@ def test_postprocess_gives_tokens_to_completing_requests_whatever_the_item_order
     partial, done = req("partial", range(1, 9)), req("done", [1, 2])
     batch = ScheduledBatch("extend", [partial, done],
                            [BatchItem([1, 2], 0, [], "none"), BatchItem([1, 2], 0, [], "last")])
-    s.postprocess(batch, SampleOutput([42], None, None), lambda r: None)
+    s.postprocess(batch, StepOutput(SampleOutput([42], None, None)), lambda r: None)
     assert (partial.output_ids, done.output_ids) == ([], [42])
     assert (partial.num_computed, done.num_computed) == (2, 2)
 
@@ -425,10 +447,13 @@ def test_abort_all_leaves_only_the_tree_holding_pages():
 
 
 # ----------------------------------------------------------------------------------- end to end
-def _random_workload(page_size, chunk, seed):
+def _random_workload(page_size, chunk, seed, draft_steps=0, num_pages=None):
     rng = random.Random(seed)
     # 64 tokens of cache; prompt + max_new_tokens never exceeds it (the engine refuses such requests).
-    s = make(num_pages=1 + 64 // page_size, page_size=page_size, max_running=6, chunk=chunk)
+    s = make(num_pages=num_pages or 1 + 64 // page_size, page_size=page_size, max_running=6, chunk=chunk,
+             draft_steps=draft_steps)
+    if draft_steps:
+        s.test_drafter = (draft_steps, random.Random(seed + 100))
     prefixes = [[rng.randrange(1, 50) for _ in range(12)] for _ in range(3)]
     reqs = []
     for i in range(24):
@@ -465,3 +490,85 @@ def test_cached_tokens_after_a_retraction_never_exceed_the_prompt():
     assert a.retractions == 1
     # A's prompt had nothing cached; on its return it re-matched 4 tokens of its own (prompt + output).
     assert a.cached_tokens <= len(a.prompt_ids)
+
+
+# --------------------------------------------------------------------------- speculative decoding
+@pytest.mark.parametrize("page_size,chunk,draft_steps", [(1, 5, 1), (2, 7, 3), (4, 16, 2)])
+def test_speculative_workload_keeps_pages_consistent_and_outputs_exact(page_size, chunk, draft_steps):
+    # As above with drafts verified every decode pass (a third of them wrong): runs of 1..steps+1
+    # tokens are committed, rejected drafts' pages freed at each step (check_pages), and outputs are
+    # what each request generates alone.
+    retractions, multi = 0, 0
+    for seed in range(4):
+        s, reqs = _random_workload(page_size, chunk, seed, draft_steps)
+        retractions += s.num_retractions
+        multi += s.num_verified_tokens - s.num_verified
+        assert all(r.output_ids == reference(r.prompt_ids, r.params.max_new_tokens) for r in reqs)
+        assert s.allocator.num_free + s.tree.cached_pages == s.allocator.num_pages - 1
+        assert s.tree.evictable_pages == s.tree.cached_pages
+    assert retractions > 0 and multi > 0
+
+
+@pytest.mark.parametrize("draft_steps", [1, 3])
+def test_speculation_leaves_the_pool_and_prefix_tree_as_without_it(draft_steps):
+    # A pool large enough that nothing is evicted: the same requests leave the same tree (the same
+    # token paths, so no rejected draft's KV was cached) and the same free pages.
+    def finish(draft_steps):
+        s, reqs = _random_workload(4, 16, 7, draft_steps, num_pages=600)
+        return s, {tuple(r.all_ids) for r in reqs}
+
+    plain, plain_seqs = finish(0)
+    spec, spec_seqs = finish(draft_steps)
+    assert spec_seqs == plain_seqs and spec.num_verified_tokens > spec.num_verified
+    assert spec.allocator.num_free == plain.allocator.num_free
+    assert _tree_paths(spec.tree) == _tree_paths(plain.tree)
+
+
+def _tree_paths(tree):
+    """Every (token path, pages count) of the prefix tree, root first."""
+    found, stack = set(), [(tree._root, ())]
+    while stack:
+        node, path = stack.pop()
+        path = path + tuple(node.key) if hasattr(node, "key") else path
+        found.add((path, len(node.pages)))
+        stack.extend((child, path) for child in node.children.values())
+    return found
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_stop_inside_an_accepted_run_ends_the_request_there(page_size):
+    s = make(page_size=page_size, draft_steps=3)
+    s.test_drafter = (3, random.Random(0))
+    s.test_drafter[1].random = lambda: 0.0          # every draft right: runs of 4 tokens
+    a = req("a", [5, 6, 7], max_new=30)
+    s.add(a)
+    want = reference(a.prompt_ids, 30)
+    stop_at = want[6]                                 # inside the second verify pass's run
+
+    def check_finish(r):
+        return Finish("stop", stop_at) if r.output_ids[-1] == stop_at else by_length(r)
+
+    finished = {}
+    while not finished:
+        _, finished = step(s, check_finish)
+    assert a.output_ids == want[: want.index(stop_at) + 1]
+    # The tree holds the full pages of what it committed before the stop (as without speculation:
+    # all but the last token's KV), nothing of the run past it; every other page is free.
+    assert all(list(path) == a.all_ids[: len(path)] for path, _ in _tree_paths(s.tree))
+    assert s.tree.cached_pages == (a.num_tokens - 1) // page_size
+    assert s.allocator.num_free + s.tree.cached_pages == s.allocator.num_pages - 1
+
+
+def test_drafts_never_exceed_the_tokens_a_request_may_still_take():
+    s = make(draft_steps=3)
+    s.test_drafter = (3, random.Random(0))
+    s.test_drafter[1].random = lambda: 0.0
+    a = req("a", [5, 6, 7], max_new=6)
+    s.add(a)
+    fed = []
+    while s.has_work():
+        batch, _ = step(s)
+        fed += [it.num_drafts for it in batch.items if batch.kind == "decode"]
+        check_pages(s)
+    # prefill gives 1 token, a verify of 3 drafts 4 more; the last pass may verify only 0 more.
+    assert a.output_ids == reference(a.prompt_ids, 6) and fed == [3, 0]

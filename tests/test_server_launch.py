@@ -105,10 +105,12 @@ class Served:
         return self.stderr_path.read_text()
 
 
-# --tp 2 and --dist-timeout act (two worker processes, their rendezvous timeout): no warning for them
+# --tp 2, --dist-timeout and speculative decoding (EAGLE, 3 steps) act: no warning for them; a draft tree's
+# shape (topk 4, 8 draft tokens) does not (dsserve drafts a chain)
 INACTIVE = ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--enable-torch-compile", "--torch-compile-max-bs", "8",
             "--cuda-graph-bs", "1,2,4", "--disable-overlap-schedule", "--speculative-algorithm", "EAGLE",
-            "--speculative-num-steps", "3", "--disaggregation-mode", "prefill", "--attention-backend", "flashinfer",
+            "--speculative-num-steps", "3", "--speculative-eagle-topk", "4", "--speculative-num-draft-tokens", "8",
+            "--disaggregation-mode", "prefill", "--attention-backend", "flashinfer",
             "--dist-timeout", "3600", "--model-loader-extra-config", '{"enable_multithread_load": true}']
 
 
@@ -130,12 +132,13 @@ def test_start_warnings_ready_line_and_sigterm_drains(tmp_path):
             served.proc.kill()
     err = served.stderr
     for flag in ("--dp 2", "--enable-dp-attention", "--enable-torch-compile", "--torch-compile-max-bs 8",
-                 "--cuda-graph-bs 1,2,4", "--disable-overlap-schedule", "--speculative-algorithm EAGLE",
-                 "--speculative-num-steps 3", "--disaggregation-mode prefill", "--attention-backend flashinfer",
+                 "--cuda-graph-bs 1,2,4", "--disable-overlap-schedule", "--speculative-eagle-topk 4",
+                 "--speculative-num-draft-tokens 8", "--disaggregation-mode prefill", "--attention-backend flashinfer",
                  "--model-loader-extra-config"):
         assert err.count(f"warning: {flag} is accepted but has no effect") == 1, (flag, err)
     assert err.count("is accepted but has no effect") == 11
     assert "tensor-parallel rank 0 of 2" in err
+    assert "speculative decoding: the MTP layer drafts 3 token(s) a step" in err
     assert "SIGTERM" in err and "dsserve stopped" in err
 
 
