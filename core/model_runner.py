@@ -107,29 +107,33 @@ class ModelRunner:
     def forward_hidden(self, items: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's logits, and the final-normed hidden states of every new token [T, hidden]
         (what the MTP layer drafts from)."""
-        batch = self._forward_batch(items)
+        batch = self._forward_batch(items, per_token=any(it.num_drafts for it in items))
         for backend in self.model.attention_backends():  # one per distinct spec, not per layer
             backend.prepare(batch.attn)
         hidden = self.model(batch.input_ids, batch.attn, self.kv.caches)
         return self.model.compute_logits(hidden[batch.logits_indices]), hidden
 
     @torch.inference_mode()
-    def draft(self, items: list[BatchItem], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft(self, items: list[BatchItem], hidden: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the MTP layer over its own cache: items' tokens (t_{i+1} at position i) with
         `hidden` [T, hidden] (h_i, a row per token); the draft logits of the rows the items ask for
-        and the layer's output there (the next draft step's h)."""
-        batch = self._forward_batch(items)
+        and the layer's output there (the next draft step's h). `per_token`: attend as decode does
+        (see _forward_batch), for the few tokens a decode step's catch-up feeds."""
+        batch = self._forward_batch(items, per_token)
         for backend in self.mtp.attention_backends():
             backend.prepare(batch.attn)
         out = self.mtp(batch.input_ids, hidden, batch.attn, self.kv.caches[-1])[batch.logits_indices]
         return self.mtp.compute_logits(out), out
 
-    def _forward_batch(self, items: list[BatchItem]) -> ForwardBatch:
+    def _forward_batch(self, items: list[BatchItem], per_token: bool = False) -> ForwardBatch:
+        """`per_token`: attention computes each new token as a decode query of its own (a verify pass of
+        a few drafts after a long prefix: decode attention reads the cache once per token, where an
+        extend pass would expand the whole prefix; MLA's absorbed decode never does)."""
         meta = AttentionMetadata.build(
             prefix_lens=[it.prefix_len for it in items], extend_lens=[len(it.new_token_ids) for it in items],
             page_table=[it.pages for it in items], page_size=self.kv.page_size, device=self.torch_device,
         )
-        if self.batch_invariant:
+        if self.batch_invariant or per_token:
             meta = meta.per_token()
         rows, start = [], 0
         for it in items:

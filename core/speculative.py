@@ -136,7 +136,9 @@ class MTPSpeculator:
             rows.extend(range(start, start + valid))
             start += len(new)
             items.append(BatchItem(ids, item.prefix_len, item.pages, "last" if want.get(i, 0) > 0 else "none"))
-        logits, out = self.runner.draft(items, hidden[rows])
+        # after a decode step the catch-up is a few tokens a sequence: attended as decode attends
+        decoding = all(it.prefix_len and len(it.new_token_ids) == 1 + it.num_drafts for it in step.items)
+        logits, out = self.runner.draft(items, hidden[rows], per_token=decoding)
         drafting = [i for i in want if want[i] > 0]
         drafts = {i: [] for i in want}
         positions = {i: items[i].prefix_len + len(items[i].new_token_ids) for i in drafting}

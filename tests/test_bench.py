@@ -25,17 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------ one-batch
 def test_one_batch_prints_its_table(capsys, tmp_path):
     out_file = tmp_path / "one.json"
+    # with speculative decoding: every configuration without it, then with it
     rc = main(["bench", "one-batch", "--dtype", "float32", "--device", "cpu", "--batch-size", "1", "3",
-               "--input-len", "9", "--output-len", "5", "--log-level", "warning", "--result-file", str(out_file)])
+               "--input-len", "9", "--output-len", "5", "--log-level", "warning", "--result-file", str(out_file),
+               "--speculative-algorithm", "EAGLE"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "dsserve bench one-batch: dsserve-tiny" in text
-    assert "prefill tok/s" in text and "decode tok/s" in text
-    rows = [line for line in text.splitlines() if line.startswith("|") and line.split("|")[1].strip().isdigit()]
-    assert [r.split("|")[1].strip() for r in rows] == ["1", "3"]
+    assert "prefill tok/s" in text and "decode tok/s" in text and "accept length" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("|") and line.split("|")[2].strip().isdigit()]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("off", "1"), ("off", "3"), ("EAGLE 1", "1"), ("EAGLE 1", "3")]
     results = json.loads(out_file.read_text())["results"]
-    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in results] == [(1, 9, 5), (3, 9, 5)]
+    assert [(r["speculative"], r["batch_size"], r["input_len"], r["output_len"]) for r in results] == [
+        ("off", 1, 9, 5), ("off", 3, 9, 5), ("EAGLE 1", 1, 9, 5), ("EAGLE 1", 3, 9, 5)]
     assert all(r["prefill_s"] > 0 and r["decode_tok_s"] > 0 for r in results)
+    accept = [r["accept_length"] for r in results]
+    assert all(a != a for a in accept[:2]) and all(1 <= a <= 2 for a in accept[2:])   # nan without speculation
 
 
 # ------------------------------------------------------------------------------------------ serving
