@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import fields
 from pathlib import Path
@@ -20,7 +21,7 @@ from .errors import EngineUnavailable, RequestError
 from .executor import Executor, WorkerDied, start_executor
 from .kv_cache import PageAllocator
 from .messages import AbortRequest, AddRequest, CallWorker, FlushCache, InboxMessage
-from .metrics import Metrics
+from .metrics import DecodeLog, Metrics
 from .output_processor import OutputProcessor
 from .radix_cache import RadixCache
 from .request import Finish, GenerateOutput, Request, RequestHandle
@@ -52,6 +53,7 @@ class Engine:
             self.tokenizer = _load_tokenizer(Path(args.tokenizer_path or self.info.model_path), args.trust_remote_code)
             eos_ids = set(self.info.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
             self.metrics = Metrics()
+            self._decode_log = DecodeLog()
             pages = PageAllocator(self.info.num_pages, self.info.page_size)
             self.tree = RadixCache(pages, pages.page_size, enabled=not args.disable_radix_cache)
             self.scheduler = Scheduler(pages, self.tree, args.max_running_requests, args.chunked_prefill_size,
@@ -260,16 +262,18 @@ class Engine:
         """One engine step: take the inbox, schedule, run, postprocess (the scheduler's), emit."""
         for message in self._take_inbox():
             self._apply(message)
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
-        if batch is not None:
-            out = self._forward(batch)
-            if out is not None:
-                finished = self.scheduler.postprocess(batch, out, self.outputs.check_finish)
-                self.outputs.emit_step(batch.sampling, finished)
+        out = self._forward(batch) if batch is not None else None
+        if out is not None:
+            finished = self.scheduler.postprocess(batch, out, self.outputs.check_finish)
+            self.outputs.emit_step(batch.sampling, finished)
         # after the step: a flush that waited for the last running request completes as it ends,
         # not when (if ever) the engine next wakes up
         self._complete_flushes()
         self._update_metrics()
+        if out is not None and batch.kind == "decode":
+            self._decode_log.observe(len(out.sampled.token_ids), time.perf_counter() - started, self.metrics)
 
     def _forward(self, batch: ScheduledBatch) -> StepOutput | None:
         """The batch's next tokens; None when the pass failed (its requests are then ended with an

@@ -1,12 +1,16 @@
 """Serving metrics, kept by the engine loop in one small object; the server exports them."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 _RECENT = 1000  # latency samples kept for quick summaries; exporters see every one via listeners
+DECODE_LOG_INTERVAL = 40  # decode passes between two decode log lines (SGLang's default)
+
+log = logging.getLogger("dsserve")
 
 
 @dataclass
@@ -54,3 +58,32 @@ class Metrics:
     def _notify(self, name: str, value: float) -> None:
         for listener in self.listeners:
             listener(name, value)
+
+
+@dataclass
+class DecodeLog:
+    """A log line every `interval` decode passes, as SGLang's scheduler writes one: requests running
+    and queued, KV cache use, the generation throughput of those passes (their own time: an idle
+    engine does not dilute it) and, with speculative decoding, their accept length."""
+
+    interval: int = DECODE_LOG_INTERVAL
+    passes: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    verified: tuple[int, int] = (0, 0)   # the metrics' (verifications, verified tokens) at the last line
+
+    def observe(self, tokens: int, seconds: float, m: Metrics) -> None:
+        """A decode pass gave `tokens` tokens in `seconds`; `m` has been updated after it."""
+        self.passes += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        if self.passes % self.interval:
+            return
+        line = (f"decode: {m.num_running} running, {m.num_waiting} queued, KV cache {m.kv_usage:.0%} used, "
+                f"{self.tokens / self.seconds:.1f} tok/s")
+        done = m.spec_verifications - self.verified[0]
+        if done:
+            line += f", accept length {(m.spec_verified_tokens - self.verified[1]) / done:.2f}"
+        log.info(line)
+        self.tokens, self.seconds = 0, 0.0
+        self.verified = (m.spec_verifications, m.spec_verified_tokens)

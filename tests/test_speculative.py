@@ -19,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_checkpoints import add_mtp_layer, build
 
+from server_util import metric, running_server
+
 from dsserve.core.engine import Engine
 from dsserve.core.sampling_params import SamplingParams
 from dsserve.core.speculative import MTPSpeculator
@@ -218,3 +220,44 @@ def _scratch_drafts(runner, tokens, steps, pages):
         logits, out = runner.draft([BatchItem([drafts[-1]], n - 2 + j, pages, "last")], out)
         drafts.append(int(logits.argmax()))
     return drafts
+
+
+def test_the_server_counts_committed_tokens_and_reports_the_accept_length(oracle):
+    import httpx
+
+    with Engine(**COMMON) as plain:
+        prompts = _prompts(plain.info.vocab_size, 2, seed=6)
+        oracle.want = {tuple(p): o.token_ids for p, o in zip(prompts, _generate(plain, prompts, GREEDY))}
+    with running_server(model_worker="thread", speculative_algorithm="EAGLE", speculative_num_steps=3,
+                        log_level="warning") as (engine, server):
+        body = {"model": "dsserve-tiny", "prompt": prompts[0], "max_tokens": 11, "temperature": 0, "ignore_eos": True}
+        plain_resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        stop_at = oracle.want[tuple(prompts[1])][6]
+        stopped = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            **body, "prompt": prompts[1], "stop_token_ids": [stop_at], "logprobs": 1}).json()
+        text = httpx.get(server.url + "/metrics").text
+    # runs of up to 4 tokens a step, yet usage counts exactly what was committed and sent
+    assert plain_resp["usage"]["completion_tokens"] == 11 and plain_resp["choices"][0]["finish_reason"] == "length"
+    want = oracle.want[tuple(prompts[1])]
+    n = want.index(stop_at) + 1
+    assert stopped["usage"]["completion_tokens"] == n and stopped["choices"][0]["finish_reason"] == "stop"
+    assert len(stopped["choices"][0]["logprobs"]["tokens"]) == n
+    assert metric(text, "dsserve_spec_accept_length") > 1.5
+    assert metric(text, "dsserve_spec_verified_tokens_total") > metric(text, "dsserve_spec_verifications_total")
+
+
+def test_the_decode_log_line_gives_throughput_and_accept_length(caplog):
+    import logging
+
+    from dsserve.core.metrics import DecodeLog, Metrics
+
+    m, line = Metrics(num_running=3, kv_usage=0.25), DecodeLog(interval=2)
+    with caplog.at_level(logging.INFO, logger="dsserve"):
+        for tokens, seconds, verified in [(6, 0.1, (4, 6)), (9, 0.2, (10, 15)), (4, 0.1, (12, 18)), (4, 0.1, (13, 22))]:
+            m.spec_verifications, m.spec_verified_tokens = verified
+            line.observe(tokens, seconds, m)
+    # a line every 2 decode passes, each about its own passes: 15 tokens in 0.3 s, 15 of 10 verify
+    # passes; then 8 tokens in 0.2 s, 7 of 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "decode: 3 running, 0 queued, KV cache 25% used, 50.0 tok/s, accept length 1.50",
+        "decode: 3 running, 0 queued, KV cache 25% used, 40.0 tok/s, accept length 2.33"]

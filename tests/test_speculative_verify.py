@@ -99,11 +99,11 @@ def test_sampled_first_token_keeps_the_targets_distribution(params, draft_rank):
     logits = rows(2, seed=11)
     p0 = _filtered_probs(logits[:1], [params])[0]
     draft = int(p0.argsort(descending=True)[draft_rank])
-    counts = _empirical(logits, [draft], params, trials=6000, position=0)
+    counts = _empirical(logits, [draft], params, trials=3000, position=0)
     stat, df = _chi_square(counts, p0)
     assert stat < CHI2_999[df], (stat, counts.tolist(), p0.tolist())
     # and the draft is accepted as often as the target gives it (rate p0[draft])
-    assert abs(counts[draft].item() / 6000 - p0[draft].item()) < 0.03
+    assert abs(counts[draft].item() / 3000 - p0[draft].item()) < 0.04
 
 
 def test_sampled_token_after_an_accepted_draft_keeps_the_targets_distribution():
@@ -113,7 +113,7 @@ def test_sampled_token_after_an_accepted_draft_keeps_the_targets_distribution():
     p = _filtered_probs(logits, [params] * 3)
     drafts = [int(p[0].argmax()), int(p[1].argsort(descending=True)[2])]
     counts = torch.zeros(V)
-    for t in range(8000):
+    for t in range(5000):
         out, _ = verify(logits, [range(3)], [drafts], [seq(params, seed=t)], [None])
         if out.token_ids[0] == drafts[0]:
             counts[out.token_ids[1]] += 1
