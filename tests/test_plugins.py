@@ -408,7 +408,7 @@ def test_cpu_default_dtype_follows_cpuinfo():
     from dsserve.plugins.cpu import native
 
     variant = native.isa()
-    assert (f"C++ kernels {variant.name} variant" if variant else "C++ kernels unused") in text
+    assert (f"C++ kernels {variant.name} variant" if variant is not None else "C++ kernels unused") in text
 
 
 def test_cpu_memory_info():

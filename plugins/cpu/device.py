@@ -274,7 +274,7 @@ class CpuDevice(Device):
                 + (f"{kernels.name} variant (MLA decode, fused MoE, linear, RMSNorm, RoPE; fp8 weight-only widened to "
                    f"{'bfloat16' if kernels >= Isa.AVX512_BF16 else 'float32'}"
                    f"{' by VBMI lookups' if fp8_vbmi() else ''}), {int8.name} for int8 W8A8 (linear, fused MoE)"
-                   if kernels else "unused (no AVX2/FMA)"))
+                   if kernels is not None else "unused (no AVX2/FMA)"))
         ipex = ipex_status()
         if ipex is not None:
             version, matches = ipex
