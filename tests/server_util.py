@@ -13,6 +13,7 @@ import json
 import time
 
 import httpx
+import pytest
 from dsserve.core.engine import Engine
 from dsserve.server.args import ServerArgs
 from dsserve.server.launch import ServerThread
@@ -32,6 +33,26 @@ def running_server(**kwargs):
     finally:
         server.stop()
         engine.shutdown()
+
+
+def server_fixtures(**options):
+    """Module-scoped `server` (engine, server thread), `engine` and `url` fixtures over
+    running_server(**options); a test module binds them: `server, engine, url = server_fixtures(...)`."""
+
+    @pytest.fixture(scope="module")
+    def server():
+        with running_server(**options) as pair:
+            yield pair
+
+    @pytest.fixture(scope="module")
+    def engine(server):
+        return server[0]
+
+    @pytest.fixture(scope="module")
+    def url(server):
+        return server[1].url
+
+    return server, engine, url
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from dsserve.core.tokenizer import Tokenizer
 from dsserve.server.logprob_tokens import openai_token_string
-from server_util import running_server, scripted_output, sse_events
+from server_util import scripted_output, server_fixtures, sse_events
 
 MULTIBYTE = "Grüße, 世界! 😀 ok"
 PROMPT = "天气 🌧 today:"
@@ -23,20 +23,7 @@ BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as (engine, srv):
-        yield engine, srv
-
-
-@pytest.fixture(scope="module")
-def engine(server):
-    return server[0]
-
-
-@pytest.fixture(scope="module")
-def url(server):
-    return server[1].url
+server, engine, url = server_fixtures()
 
 
 def token_bytes(token: str) -> bytes:

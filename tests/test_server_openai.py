@@ -9,7 +9,7 @@ import json
 import httpx
 import openai
 import pytest
-from server_util import metric, running_server, scripted_output, sse_events, wait_for
+from server_util import metric, scripted_output, server_fixtures, sse_events, wait_for
 
 MODEL = "dsserve-tiny"
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -23,20 +23,7 @@ CALL_WEATHER = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function
                 '{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(reasoning_parser="deepseek-r1", tool_call_parser="deepseekv3") as (engine, srv):
-        yield engine, srv
-
-
-@pytest.fixture(scope="module")
-def engine(server):
-    return server[0]
-
-
-@pytest.fixture(scope="module")
-def url(server):
-    return server[1].url
+server, engine, url = server_fixtures(reasoning_parser="deepseek-r1", tool_call_parser="deepseekv3")
 
 
 @pytest.fixture(scope="module")
