@@ -46,8 +46,13 @@ class ScheduledBatch:
 
 def logit_rows(items: list[BatchItem]) -> list[range]:
     """The rows of a pass's logits that belong to each item, in batch order."""
+    return consecutive_ranges(it.num_logit_rows for it in items)
+
+
+def consecutive_ranges(counts) -> list[range]:
+    """Back-to-back ranges of the given lengths from 0: the rows each of a run of owners has."""
     rows, start = [], 0
-    for it in items:
-        rows.append(range(start, start + it.num_logit_rows))
-        start += it.num_logit_rows
+    for n in counts:
+        rows.append(range(start, start + n))
+        start += n
     return rows

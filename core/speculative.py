@@ -110,25 +110,25 @@ class MTPSpeculator:
                   for i in done]
         committed, counts = verify(logits, groups, drafts, seqs, step.forced)
         out = StepOutput(committed, prompt_lp, num_committed=counts)
-        runs = out.committed()
-        for seq, run in zip(seqs, runs):
-            seq.output_ids += committed.token_ids[run.start:run.stop]
-        next_drafts = self._draft(step, hidden, {i: committed.token_ids[r.stop - 1] for i, r in zip(done, runs)},
-                                  dict(zip(done, counts)), sequences)
+        runs = {i: committed.token_ids[r.start:r.stop] for i, r in zip(done, out.committed())}
+        for seq, i in zip(seqs, done):
+            seq.output_ids += runs[i]
+        next_drafts = self._draft(step, hidden, runs, sequences)
         out.drafts = [next_drafts[i] for i in done]
         return out
 
-    def _draft(self, step: StepInput, hidden: torch.Tensor, last_token: dict[int, int], counts: dict[int, int],
+    def _draft(self, step: StepInput, hidden: torch.Tensor, runs: dict[int, list[int]],
                sequences: dict[str, SequenceSampling]) -> dict[int, list[int]]:
-        """Catch the MTP layer's cache up on the positions this step computed and committed, and
-        draft for the completing items (by index); returns their drafts."""
+        """Catch the MTP layer's cache up on the positions this step computed and committed (`runs`:
+        the tokens each completing item, by index, committed), and draft for the completing items;
+        returns their drafts."""
         items, rows, want, start = [], [], {}, 0
         for i, item in enumerate(step.items):
             new = item.new_token_ids
             seq = sequences[step.rids[i]]
-            if i in last_token:  # its valid positions: all but the rejected drafts
-                valid = len(new) - item.num_drafts + counts[i] - 1
-                ids = new[1:valid] + [last_token[i]]
+            if i in runs:  # its valid positions: all but the rejected drafts
+                valid = len(new) - item.num_drafts + len(runs[i]) - 1
+                ids = new[1:valid] + [runs[i][-1]]
                 want[i] = min(self.num_steps, seq.params.max_new_tokens - len(seq.output_ids) - 1)
             else:  # a prefill chunk: the token after it is the prompt's next
                 valid = len(new)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .batch import BatchItem
+from .batch import BatchItem, consecutive_ranges
 from .sampling_params import SamplingParams
 
 
@@ -105,12 +105,7 @@ class StepOutput:
 
     def committed(self) -> list[range]:
         """The rows of `sampled` that belong to each completing request, in batch order."""
-        counts = self.num_committed or [1] * len(self.sampled.token_ids)
-        rows, start = [], 0
-        for n in counts:
-            rows.append(range(start, start + n))
-            start += n
-        return rows
+        return consecutive_ranges(self.num_committed or [1] * len(self.sampled.token_ids))
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,8 @@ def oracle(monkeypatch):
 
     real = MTPSpeculator._draft
 
-    def draft(self, step, hidden, last_token, counts, sequences):
-        drafts = real(self, step, hidden, last_token, counts, sequences)
+    def draft(self, step, hidden, runs, sequences):
+        drafts = real(self, step, hidden, runs, sequences)
         for i, guesses in drafts.items():
             seq = sequences[step.rids[i]]
             truth = Oracle.want[tuple(seq.prompt_ids)][len(seq.output_ids):]
@@ -189,8 +189,8 @@ def test_drafts_are_what_the_mtp_layer_computes_from_scratch(monkeypatch):
     seen = []
     real = MTPSpeculator._draft
 
-    def draft(self, step, hidden, last_token, counts, sequences):
-        drafts = real(self, step, hidden, last_token, counts, sequences)
+    def draft(self, step, hidden, runs, sequences):
+        drafts = real(self, step, hidden, runs, sequences)
         for i, guesses in drafts.items():
             seq = sequences[step.rids[i]]
             seen.append((seq.prompt_ids + seq.output_ids, list(guesses)))
