@@ -55,6 +55,9 @@ def test_isa_is_read_from_the_cpu_flags():
     assert native.isa(frozenset({"avx2", "fma", "avx512f"})) is native.Isa.AVX512
     assert native.isa(frozenset({"avx2", "fma"})) is native.Isa.AVX2
     assert native.isa(frozenset({"sse4_2"})) is None
+    amx = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+    # AMX only where the kernel grants this process the tile state (on a CPU without AMX it refuses)
+    assert native.isa(amx) is (native.Isa.AMX_BF16 if native.amx_permitted() else native.Isa.AVX512_BF16)
 
 
 def _case(tokens: int, experts: int, k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
@@ -249,6 +252,8 @@ def test_fp8_vbmi_is_read_from_the_cpu_flags():
 def test_int8_isa_is_read_from_the_cpu_flags():
     assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"})) is native.Int8Isa.AVX512_VNNI
     assert native.int8_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) is native.Int8Isa.AVX2
+    amx = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8"})
+    assert native.int8_isa(amx) is (native.Int8Isa.AMX if native.amx_permitted() else native.Int8Isa.AVX512_VNNI)
     assert native.int8_isa(frozenset({"sse4_2"})) is None
 
 
@@ -266,7 +271,8 @@ def test_int8_pack_round_trips():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt,block", [("int8_channel", None), ("int8_block", (128, 128)), ("int8_block", (32, 64))])
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
-    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1030, False), (0, 32, 64, False)])
+    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1030, False), (0, 32, 64, False),
+    (9, 32, 512, True), (37, 64, 1024, False)])  # K whole AMX tiles of 64: two tiles of rows and a tail
 def test_int8_linear_matches_the_reference(isa, dtype, fmt, block, rows, out_features, in_features, bias):
     """The same activation rounding as the reference (per token, or per token per block column), so
     the int32 products are equal and only float32 rounding of the scaled sums differs; rows of very
@@ -482,12 +488,12 @@ def test_onednn_serves_bfloat16_only_where_its_kernels_run():
     assert onednn.serves(torch.bfloat16, frozenset({"avx2", "avx_ne_convert"}))
 
 
-def test_batch_invariant_linear_layers_take_the_block_gemm_even_with_amx():
-    """oneDNN's AMX kernels serve linear layers on AMX CPUs, but they do not promise a row the same bits
-    whatever the batch; --enable-deterministic-inference asks for that and gets the block GEMM."""
+def test_packable_linear_layers_take_the_block_gemm_and_the_rest_onednn():
+    """The block GEMM serves every packable unquantized layer (on AMX CPUs too: one kernel for every row
+    count keeps a row's bits independent of its batch); oneDNN takes the shapes it cannot pack."""
     from dsserve.core.backends import LinearSpec
-    from dsserve.plugins.cpu.linear import preferred
+    from dsserve.plugins.cpu.linear import served
 
-    amx = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
-    assert not preferred(LinearSpec(64, 32, False, torch.bfloat16), amx)
-    assert preferred(LinearSpec(64, 32, False, torch.bfloat16, batch_invariant=True), amx)
+    assert served(LinearSpec(64, 32, False, torch.bfloat16))
+    assert not served(LinearSpec(64, 40, False, torch.bfloat16))  # 40 outputs: not whole blocks of 16
+    assert not served(LinearSpec(64, 32, False, torch.bfloat16, quant="int8_channel"))

@@ -3,15 +3,16 @@
 Provides the `cpu` device (threads from the cores this process may use, float32 or bfloat16 by the
 CPU's bf16 units, memory from /proc/meminfo) and answers every backend hook for it.
 
-Linear layers run through the C++ block GEMM on weights packed at load (`linear.py`), or through
-oneDNN on weights reordered once at load (`onednn.py`) on CPUs with AMX. Routed experts run
+Linear layers run through the C++ block GEMM on weights packed at load (`linear.py`; AMX tiles on
+CPUs that have them, csrc/amx.h), or through oneDNN on weights reordered once at load
+(`onednn.py`) for shapes the packing cannot hold. Routed experts run
 through the C++ fused-MoE kernel (`moe.py`, `csrc/fused_moe.cpp`: one call per layer, weights packed
 at load, routing in one more call, `csrc/routing.cpp`, AVX-512-BF16 / AVX-512 / AVX2 variants picked from the CPU's flags by `native.py`, compiled
 on first use); where it cannot be built, or for a spec it does not serve, the reference does.
 Quantized checkpoints keep their bytes: int8 W8A8 linear layers and experts (int8_channel,
 int8_block) run through the C++ int8 kernels (`int8_linear.py`, csrc/int8_linear.cpp and
 fused_moe.cpp: activations quantized in the call as the reference rounds them, vpdpbusd on
-AVX512-VNNI CPUs, int16 vpmaddwd on AVX2), and FP8 weight-only ones (fp8_block, DeepSeek-V3/R1) through
+AVX512-VNNI CPUs, tdpbusd tiles on AMX-INT8 ones, int16 vpmaddwd on AVX2), and FP8 weight-only ones (fp8_block, DeepSeek-V3/R1) through
 the e4m3-widening kernels (`fp8_linear.py`, csrc/fp8_gemm.h: to bfloat16 for vdpbf16ps, or to float32
 for FMAs without AVX512-BF16). RMSNorm with its residual add and rotary embedding run one C++
 call each (`layer_ops.py`). MHA/GQA attention runs on torch's SDPA kernels with decode kept in the
@@ -97,10 +98,10 @@ def dsserve_linear_method(device: Device, spec: LinearSpec) -> LinearMethod | No
         return _quantized_linear(spec)
     from . import native, onednn
     from .device import cpu_flags
-    from .linear import CpuPackedLinear, preferred
+    from .linear import CpuPackedLinear, served
 
     kernels = native.kernels()
-    if kernels is not None and preferred(spec, cpu_flags()):
+    if kernels is not None and served(spec):
         return CpuPackedLinear(spec, kernels, native.isa())
     if onednn.serves(spec.dtype, cpu_flags()) and not spec.batch_invariant:
         return onednn.OneDnnLinear(spec)

@@ -1,9 +1,13 @@
 """Linear layers through the C++ block GEMM (csrc/packed_linear.cpp) on weights packed once at load.
 
-Decoding is bound by reading the weights; this kernel streams each weight block once for all rows
-and reached 25-28 GB/s for one bfloat16 row on a Zen 4 (2 threads, weights out of cache) where
-oneDNN's reordered GEMM reached 15-18 GB/s; at 16 rows the two are level, at 256 rows oneDNN is
-3-15% ahead. On a CPU with AMX, oneDNN's AMX kernels serve instead (see `preferred`).
+Decoding is bound by reading the weights; this kernel streams each weight block once for all rows.
+On a Zen 4 (2 threads, weights out of cache) it read one bfloat16 row's weights at 25-28 GB/s where
+oneDNN's reordered GEMM reached 15-18 GB/s. On AMX CPUs the same packed weights feed the tiles
+(csrc/amx.h); on a Xeon (2 threads) against oneDNN's AMX kernels: one row 2.2-3x faster (5632 x
+1024: 484 against 1143 us), 16 rows 1.4-2.9x, 128 rows level, 512 rows oneDNN 1.1-1.5x ahead. One
+kernel for every row count also keeps a row's bits independent of the batch it is in, which
+--enable-deterministic-inference needs and oneDNN does not promise. oneDNN (`onednn.py`) serves
+the shapes this layout cannot hold.
 """
 from __future__ import annotations
 
@@ -16,12 +20,9 @@ from . import native
 from .packing import pack, packable, unpack
 
 
-def preferred(spec: LinearSpec, flags: frozenset[str]) -> bool:
-    """Whether this kernel serves `spec` on a CPU with `flags`: unquantized, packable, and no AMX unless
-    the spec asks for batch-invariant rows (this kernel runs K in one order for every row count;
-    oneDNN does not promise that)."""
-    return (spec.quant == "none" and packable(spec.out_features, spec.in_features, spec.dtype) is None
-            and (spec.batch_invariant or not {"amx_bf16", "amx_int8"} & flags))
+def served(spec: LinearSpec) -> bool:
+    """Whether this kernel serves `spec`: unquantized and packable."""
+    return spec.quant == "none" and packable(spec.out_features, spec.in_features, spec.dtype) is None
 
 
 class CpuPackedLinear(UnquantizedLinear):

@@ -1,7 +1,7 @@
 """The cpu plugin's C++ kernels (csrc/): compiled on first use, picked per CPU at run time.
 
-One build serves every x86 CPU: each kernel is compiled for AVX2, AVX-512 and AVX-512-BF16 with
-per-function target attributes, and the caller passes the ISA to use (`isa()`: the best this CPU
+One build serves every x86 CPU: each kernel is compiled for AVX2, AVX-512, AVX-512-BF16/VNNI and AMX
+with per-function target attributes, and the caller passes the ISA to use (`isa()`: the best this CPU
 has). The build goes to torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else
 ~/.cache/torch_extensions) under a name that hashes the sources, their folder and the torch version,
 so a changed source or torch rebuilds and an unchanged one loads in a second; a build that was killed
@@ -10,9 +10,11 @@ build fails) `kernels()` is None, one log line says why, and the torch reference
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import logging
+import platform
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -32,11 +34,14 @@ class Isa(enum.IntEnum):
     AVX2 = 0
     AVX512 = 1
     AVX512_BF16 = 2
+    AMX_BF16 = 3  # AVX512_BF16, with bfloat16 GEMMs of enough rows on AMX tiles
 
 
 def isa(flags: frozenset[str] | None = None) -> Isa | None:
     """The best kernel variant this CPU runs (None: below AVX2 + FMA, the kernels are not used)."""
     flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"} <= flags and amx_permitted():
+        return Isa.AMX_BF16
     if {"avx512f", "avx512_bf16"} <= flags:
         return Isa.AVX512_BF16
     if "avx512f" in flags:
@@ -51,22 +56,45 @@ class Int8Isa(enum.IntEnum):
 
     AVX2 = 0
     AVX512_VNNI = 1
+    AMX = 2  # AVX512_VNNI, with GEMMs of enough rows on AMX-INT8 tiles
 
 
 def int8_isa(flags: frozenset[str] | None = None) -> Int8Isa | None:
     """The best int8 (W8A8) kernel variant this CPU runs; None below AVX2 + FMA."""
     flags = cpu_flags() if flags is None else flags
-    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+    vnni = {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+    if vnni and {"amx_tile", "amx_int8"} <= flags and amx_permitted():
+        return Int8Isa.AMX
+    if vnni:
         return Int8Isa.AVX512_VNNI
     if {"avx2", "fma"} <= flags:
         return Int8Isa.AVX2
     return None
 
 
+@lru_cache(maxsize=1)
+def amx_permitted() -> bool:
+    """Whether this process may use AMX tiles: Linux grants the tile state only on request
+    (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, kernel 5.16+; without it the first tile
+    instruction kills the process with SIGILL). Asks once; the grant covers every thread."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+        granted = libc.syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
+    except (OSError, AttributeError):
+        granted = False
+    if not granted:
+        log.info("cpu: the CPU has AMX but the kernel did not grant this process its tile state: AVX-512 "
+                 "kernels serve instead")
+    return granted
+
+
 def fp8_vbmi(flags: frozenset[str] | None = None) -> bool:
     """Whether the FP8 kernels widen e4m3 by AVX512-VBMI table lookups (on top of AVX512-BF16)."""
     flags = cpu_flags() if flags is None else flags
-    return isa(flags) is Isa.AVX512_BF16 and "avx512vbmi" in flags  # /proc/cpuinfo spells it so
+    return (isa(flags) or Isa.AVX2) >= Isa.AVX512_BF16 and "avx512vbmi" in flags  # /proc/cpuinfo spells it so
 
 
 def build_name() -> str:

@@ -267,6 +267,7 @@ at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const
   const Int8Experts p13 = int8_experts(w13, w13_comp, w13_scale, D, group1, "w13");
   const Int8Experts p2 = int8_experts(w2, w2_comp, w2_scale, I, group2, "w2");
   const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  check_int8_isa(isa);
   switch (hidden.scalar_type()) {
     case at::kBFloat16:
       return fused_moe_int8_impl<at::BFloat16>(hidden, p13, p2, E, weights, ids, static_cast<Int8Isa>(isa));
@@ -311,6 +312,7 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
   TORCH_CHECK(w13.size(2) == hidden.size(1) * kBlockN && w2.size(1) * kBlockN == hidden.size(1),
               "packed weights do not match hidden_size ", hidden.size(1));
   const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
+  check_isa(isa);
   switch (hidden.scalar_type()) {
     case at::kBFloat16:
       return fused_moe_impl<at::BFloat16>(hidden, w13, w2, weights, ids, static_cast<Isa>(isa));

@@ -69,6 +69,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "comp must be int32 [N/16, groups, 16]");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == cells,
               "w_scale must be float32 [N/16, groups, 16]");
+  check_int8_isa(isa);
   switch (x.scalar_type()) {
     case at::kBFloat16:
       return int8_linear_impl<at::BFloat16>(x, packed, comp, w_scale, bias, group, static_cast<Int8Isa>(isa));

@@ -222,7 +222,7 @@ at::Tensor mla_decode_impl(const at::Tensor& q, const at::Tensor& cache, const a
     owner.insert(owner.end(), first[b + 1] - first[b], b);
   }
   std::vector<Partial> parts(first[B]);
-  const bool dot_products = isa == kAvx512Bf16 && W % 2 == 0 && L % 32 == 0;
+  const bool dot_products = isa >= kAvx512Bf16 && W % 2 == 0 && L % 32 == 0;
 
   at::parallel_for(0, first[B], 1, [&](int64_t begin, int64_t end) {
     const int64_t groups = (H + kHeads - 1) / kHeads, Hp = groups * kHeads;  // heads padded to whole groups

@@ -72,6 +72,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) * kBlockN,
               "w must be packed by dsserve.plugins.cpu.packing for ", x.size(1), " input features");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "x and w must share a dtype");
+  check_isa(isa);
   switch (x.scalar_type()) {
     case at::kBFloat16: return packed_linear_impl<at::BFloat16>(x, w, bias, static_cast<Isa>(isa));
     case at::kFloat: return packed_linear_impl<float>(x, w, bias, static_cast<Isa>(isa));
@@ -86,6 +87,7 @@ at::Tensor head_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
               "w must be packed per head by dsserve.plugins.cpu.packing for ", x.size(1), " heads of ",
               x.size(2), " input features");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "x and w must share a dtype");
+  check_isa(isa);
   switch (x.scalar_type()) {
     case at::kBFloat16: return head_linear_impl<at::BFloat16>(x, w, static_cast<Isa>(isa));
     case at::kFloat: return head_linear_impl<float>(x, w, static_cast<Isa>(isa));
