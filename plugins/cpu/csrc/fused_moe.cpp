@@ -64,6 +64,7 @@ void gate_up_phase(const Grouping& g, int64_t inter_blocks, int64_t I, A* act, c
   const int64_t E = static_cast<int64_t>(g.offsets.size()) - 1, most = most_pairs(g);
   at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(most * kBlockN), up(most * kBlockN);
+    TileScope tiles;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
       if (rows == 0) continue;
@@ -87,6 +88,7 @@ at::Tensor down_phase(const Grouping& g, int64_t tokens, int64_t D, const at::Te
   float* o = out.data_ptr<float>();
   at::parallel_for(0, out_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(most * kBlockN);
+    TileScope tiles;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
       if (rows == 0) continue;

@@ -37,6 +37,7 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const
   T* op = out.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(M * kInt8BlockN);
+    TileScope tiles;
     for (int64_t nb = begin; nb < end; ++nb) {
       block_int8_gemm(isa, M, qp, K4 * 4, sp, groups, wp + nb * K4 * 64, K4, group4,
                       cp + nb * groups * kInt8BlockN, wsp + nb * groups * kInt8BlockN, y.data());

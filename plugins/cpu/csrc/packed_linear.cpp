@@ -18,6 +18,7 @@ void linear_rows(Isa isa, int64_t M, const T* x, int64_t ldx, const T* w, int64_
                  const float* bias, T* out, int64_t ldo, int64_t begin_pair, int64_t end_pair) {
   std::vector<float> acc(2 * M * kBlockN);
   float* acc1 = acc.data() + M * kBlockN;
+  TileScope tiles;
   for (int64_t pair = begin_pair; pair < end_pair; ++pair) {
     const int64_t nb = 2 * pair, count = std::min<int64_t>(2, blocks - nb);
     if (count == 2)
@@ -54,6 +55,7 @@ at::Tensor head_linear_impl(const at::Tensor& x, const at::Tensor& w, Isa isa) {
   const int64_t pairs = (blocks + 1) / 2;
   at::Tensor out = at::empty({M, H, N}, x.options());
   at::parallel_for(0, H * pairs, 1, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / pairs, pair = item % pairs;
       linear_rows<T>(isa, M, x.data_ptr<T>() + h * K, H * K, w.data_ptr<T>() + h * blocks * K * kBlockN, K, blocks,
