@@ -339,8 +339,8 @@ def test_int8_fused_moe_matches_the_reference(isa, dtype, fmt, block, tokens, ex
 # the two variants: float32 activations with FMAs (AVX2, and AVX-512 without BF16) and bfloat16 with
 # vdpbf16ps (AVX512-BF16)
 FP8_VARIANTS = [pytest.param(i, False, id=i.name.lower()) for i in RUNNABLE if i is not native.Isa.AVX512]
-if native.fp8_vbmi():  # and bfloat16 widened by AVX512-VBMI table lookups
-    FP8_VARIANTS.append(pytest.param(native.Isa.AVX512_BF16, True, id="avx512_bf16-vbmi"))
+if native.fp8_vbmi():  # and bfloat16 widened by AVX512-VBMI table lookups (on AMX CPUs, for the tiles too)
+    FP8_VARIANTS += [pytest.param(i, True, id=f"{i.name.lower()}-vbmi") for i in RUNNABLE if i >= native.Isa.AVX512_BF16]
 
 
 def test_fp8_vbmi_packing_round_trips():
@@ -365,7 +365,8 @@ def test_every_e4m3_value_widens_exactly(isa, vbmi):
     packed = pack_fp8(w, vbmi)
     assert torch.equal(unpack_fp8(packed, 32, vbmi).view(torch.uint8), w.view(torch.uint8))
     eye = torch.eye(32, dtype=activation_dtype(isa))
-    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, True, vbmi)
+    out = native.kernels().fp8_linear(eye, packed, column_scales(torch.ones(1, 1), 128, 16), None, 32, True, vbmi,
+                                      isa is native.Isa.AMX_BF16)
     assert torch.equal(out, w.float().t())
 
 
@@ -374,7 +375,8 @@ def test_every_e4m3_value_widens_exactly(isa, vbmi):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [(128, 128), (32, 64)])
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
-    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1032, False), (0, 32, 64, False), (3, 32, 1030, False)])
+    (1, 48, 64, False), (9, 160, 300, True), (33, 256, 1032, False), (0, 32, 64, False), (3, 32, 1030, False),
+    (37, 64, 512, True)])  # K and groups whole AMX tiles: two tiles of rows and a tail
 def test_fp8_linear_is_the_dequantised_product(isa, vbmi, dtype, block, rows, out_features, in_features, bias):
     """Weight-only: x (in the variant's activation dtype) times the dequantised weight, the block scales
     applied per block column in float32; only float32 summation order and the output's rounding differ."""

@@ -3,8 +3,9 @@
 
 The weights stay e4m3 (1 byte each: V3/R1 need half the memory of a bfloat16 copy) and are widened in
 registers, block column by block column, with the block's scale applied to each column's float32 sum:
-to bfloat16 for vdpbf16ps on bfloat16 activations where the CPU has AVX512-BF16, to float32 for FMAs on
-float32 activations elsewhere (AVX2). Activations are not rounded to 8 bits: no CPU has FP8
+to bfloat16 for vdpbf16ps on bfloat16 activations where the CPU has AVX512-BF16 (on AMX CPUs, calls of
+4 rows or more widen each block once and run on the tiles), to float32 for FMAs on float32
+activations elsewhere (AVX2). Activations are not rounded to 8 bits: no CPU has FP8
 arithmetic, so the W8A8 rounding of the GPU kernels (and of the reference, which follows them) would
 only cost accuracy here; the result is closer to the dequantised weight's product than the reference's.
 """
@@ -48,7 +49,7 @@ def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
 class CpuFp8Linear(QuantizedWeights):
     def __init__(self, spec: LinearSpec, kernels, isa: Isa, vbmi: bool = False):
         super().__init__(spec)
-        self.kernels, self.act_dtype = kernels, activation_dtype(isa)
+        self.kernels, self.act_dtype, self.amx = kernels, activation_dtype(isa), isa is Isa.AMX_BF16
         # the table-lookup widening, where the CPU has it and the shapes allow it
         self.vbmi = vbmi and self.act_dtype == torch.bfloat16 and spec.in_features % 4 == 0 and self.format.block[1] % 4 == 0
 
@@ -63,7 +64,7 @@ class CpuFp8Linear(QuantizedWeights):
     def apply(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype).contiguous()
         out = self.kernels.fp8_linear(rows, params["packed"], params["column_scale"], params.get("bias"),
-                                      self.format.block[1], x.dtype == torch.float32, self.vbmi)
+                                      self.format.block[1], x.dtype == torch.float32, self.vbmi, self.amx)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.spec.out_features)
 
     def dequantized_weight(self, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -106,7 +106,7 @@ class CpuFp8MoE(CpuRoutedMoE):
 
     def __init__(self, spec: MoESpec, kernels, isa: native.Isa, vbmi: bool = False):
         super().__init__(spec, kernels)
-        self.act_dtype = activation_dtype(isa)
+        self.act_dtype, self.amx = activation_dtype(isa), isa is native.Isa.AMX_BF16
         self.vbmi = (vbmi and self.act_dtype == torch.bfloat16 and spec.hidden_size % 4 == 0
                      and spec.intermediate_size % 4 == 0 and self.format.block[1] % 4 == 0)
 
@@ -121,5 +121,5 @@ class CpuFp8MoE(CpuRoutedMoE):
     def compute_experts(self, hidden, topk_weights, topk_ids, w13, w2):
         out = self.kernels.fused_moe_fp8(hidden.to(self.act_dtype).contiguous(), w13["packed"], w13["column_scale"],
                                          w2["packed"], w2["column_scale"], topk_weights, topk_ids,
-                                         self.format.block[1], self.vbmi)
+                                         self.format.block[1], self.vbmi, self.amx)
         return out.to(hidden.dtype)

@@ -28,6 +28,8 @@ namespace dsserve_cpu {
 
 constexpr int64_t kBlockN = 16;
 constexpr int kMaxRows = 8;
+// How far ahead the vdpbf16ps loops prefetch the weights they stream.
+constexpr int64_t kPrefetchBytes = 2048;
 
 enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmxBf16 = 3 };
 
@@ -58,6 +60,7 @@ __attribute__((target("avx512f,avx512bf16"))) void block_bf16_dpbf16(
     xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);  // a pair of bf16 along K per int32
   }
   for (int64_t kk = 0; kk < K / 2; ++kk) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kPrefetchBytes, _MM_HINT_T0);
     const __m512i wv = _mm512_loadu_si512(w + kk * 32);
     for (int m = 0; m < ROWS; ++m) {
       acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)wv);
@@ -80,6 +83,8 @@ __attribute__((target("avx512f,avx512bf16"))) void block2_bf16_dpbf16(
     xp[m] = reinterpret_cast<const int32_t*>(x + m * ldx);
   }
   for (int64_t kk = 0; kk < K / 2; ++kk) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + kk * 32) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + kk * 32) + kPrefetchBytes, _MM_HINT_T0);
     const __m512i wv0 = _mm512_loadu_si512(w0 + kk * 32), wv1 = _mm512_loadu_si512(w1 + kk * 32);
     for (int m = 0; m < ROWS; ++m) {
       const __m512i xv = _mm512_set1_epi32(xp[m][kk]);

@@ -14,10 +14,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
+
+#include "amx.h"
 
 namespace dsserve_cpu {
 
 constexpr int64_t kFp8BlockN = 16;
+// How far ahead the vector kernels prefetch the weights they stream.
+constexpr int64_t kFp8PrefetchBytes = 2048;
 
 // 32 e4m3fn bytes -> 32 bfloat16. Normal numbers (exponent field e > 0) move their exponent from bias
 // 7 to bias 127 (+120) and their 3 mantissa bits to the top of bfloat16's 7; subnormals (m x 2^-9) come
@@ -52,6 +57,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_fp8_dpbf16(
     __m512 a[ROWS];
     for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_ps();
     for (int64_t kk = k0; kk < k1; ++kk) {
+      if (kk % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kFp8PrefetchBytes, _MM_HINT_T0);
       const __m512i wv = e4m3_to_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk * 32)));
       for (int m = 0; m < ROWS; ++m) a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)wv);
     }
@@ -105,6 +111,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi"))) void tile_fp8_
     __m512 a[ROWS];
     for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_ps();
     for (int64_t kk = k0; kk < k1; kk += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kFp8PrefetchBytes, _MM_HINT_T0);
       const __m512i b = _mm512_loadu_si512(w + kk * 32);
       const __m512i lo = _mm512_permutex2var_epi8(lo0, b, lo1);
       const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, b, hi1), _mm512_and_si512(b, sign));
@@ -132,10 +139,74 @@ inline void tile_fp8(bool vbmi, int rows, const at::BFloat16* x, int64_t ldx, co
     tile_fp8_dpbf16<ROWS>(x, ldx, w, K2, group2, ws, y);
 }
 
-// y [rows, 16] for one packed block and any number of rows, in tiles of 8 rows; `vbmi`: the block is
-// packed for tile_fp8_vbmi.
-inline void block_fp8_gemm(bool vbmi, int64_t rows, const at::BFloat16* x, int64_t ldx, const uint8_t* w,
+// ------------------------------------------------------------------------------------------- AMX
+// On AMX CPUs a call of enough rows widens the block once to bfloat16 (block_gemm.h's layout, which is
+// the tiles' B operand) and runs each scale group on the tiles, its float32 sums scaled into y as the
+// vector kernels scale theirs; the widening is then paid once per block instead of once per 8 rows.
+
+// The K x 16 e4m3 weights of one packed block -> bfloat16 in block_gemm.h's pair layout.
+__attribute__((target("avx512f,avx512bw"))) inline void widen_block(const uint8_t* w, int64_t K2, at::BFloat16* out) {
+  for (int64_t kk = 0; kk < K2; ++kk)
+    _mm512_storeu_si512(out + kk * 32, e4m3_to_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk * 32))));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void widen_block_vbmi(const uint8_t* w, int64_t K2,
+                                                                                     at::BFloat16* out) {
+  const E4m3ByteTables& t = e4m3_byte_tables();
+  const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
+  const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t kk = 0; kk < K2; kk += 2) {
+    const __m512i b = _mm512_loadu_si512(w + kk * 32);
+    const __m512i lo = _mm512_permutex2var_epi8(lo0, b, lo1);
+    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, b, hi1), _mm512_and_si512(b, sign));
+    _mm512_storeu_si512(out + kk * 32, _mm512_unpacklo_epi8(lo, hi));
+    _mm512_storeu_si512(out + (kk + 1) * 32, _mm512_unpackhi_epi8(lo, hi));
+  }
+}
+
+// y[m] += c[m] * ws for `rows` rows of float32 sums c [rows][16].
+__attribute__((target("avx512f"))) inline void scale_float_sums(const float* c, int64_t rows, const float* ws, float* y) {
+  const __m512 s = _mm512_loadu_ps(ws);
+  for (int64_t m = 0; m < rows; ++m)
+    _mm512_storeu_ps(y + m * 16, _mm512_fmadd_ps(_mm512_loadu_ps(c + m * 16), s, _mm512_loadu_ps(y + m * 16)));
+}
+
+// y [rows, 16] on the tiles for one widened block (K and the group multiples of 32).
+inline void amx_fp8_gemm(int64_t rows, const at::BFloat16* x, int64_t ldx, const at::BFloat16* wide, int64_t K,
+                         int64_t group, const float* ws, float* y) {
+  alignas(64) float c[2 * kTileRows * 16];
+  std::fill(y, y + rows * 16, 0.0f);
+  tile_rows(rows, [&](int64_t m0, bool two_tiles) {
+    const int64_t left = std::min<int64_t>(2 * kTileRows, rows - m0);
+    for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += group) {
+      const int64_t kg = std::min(group, K - k0);
+      if (two_tiles)
+        amx_bf16_tiles<2, 1>(x + m0 * ldx + k0, ldx, wide + k0 * 16, nullptr, kg, c, nullptr, 16);
+      else
+        amx_bf16_tiles<1, 1>(x + m0 * ldx + k0, ldx, wide + k0 * 16, nullptr, kg, c, nullptr, 16);
+      scale_float_sums(c, left, ws + g * kFp8BlockN, y + m0 * 16);
+    }
+  });
+}
+
+// Rows from which the AMX path pays for its widening of the whole block: the vector kernels widen it
+// once per 8 rows.
+constexpr int64_t kFp8AmxMinRows = 4;
+
+// y [rows, 16] for one packed block and any number of rows, in tiles of 8 rows (or on AMX tiles where
+// `amx` and the shapes allow); `vbmi`: the block is packed for tile_fp8_vbmi.
+inline void block_fp8_gemm(bool vbmi, bool amx, int64_t rows, const at::BFloat16* x, int64_t ldx, const uint8_t* w,
                            int64_t K2, int64_t group2, const float* ws, float* y) {
+  if (amx && rows >= kFp8AmxMinRows && (2 * K2) % kTileK16 == 0 && (2 * group2) % kTileK16 == 0) {
+    thread_local std::vector<at::BFloat16> wide;
+    wide.resize(2 * K2 * kFp8BlockN);
+    if (vbmi)
+      widen_block_vbmi(w, K2, wide.data());
+    else
+      widen_block(w, K2, wide.data());
+    return amx_fp8_gemm(rows, x, ldx, wide.data(), 2 * K2, 2 * group2, ws, y);
+  }
   for (int64_t m0 = 0; m0 < rows; m0 += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, rows - m0));
     tile_fp8<8>(vbmi, n, x + m0 * ldx, ldx, w, K2, group2, ws, y + m0 * kFp8BlockN);
@@ -202,7 +273,7 @@ inline void tile_fp8_f32(int rows, const float* x, int64_t ldx, const uint8_t* w
 
 // float32 activations: tiles of 2 rows (four accumulators a row stay in AVX2's 16 registers); the
 // packing is never the VBMI one.
-inline void block_fp8_gemm(bool /*vbmi*/, int64_t rows, const float* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2,
+inline void block_fp8_gemm(bool /*vbmi*/, bool /*amx*/, int64_t rows, const float* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2,
                            const float* ws, float* y) {
   for (int64_t m0 = 0; m0 < rows; m0 += 2) {
     const int n = static_cast<int>(std::min<int64_t>(2, rows - m0));

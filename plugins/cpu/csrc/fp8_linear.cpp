@@ -22,7 +22,8 @@ void write_rows(const std::vector<float>& y, int64_t M, int64_t N, int64_t nb, c
 
 template <typename T>
 at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi) {
+                           const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi,
+                           bool amx) {
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * kFp8BlockN;
   const int64_t groups = (K + group - 1) / group;
   at::Tensor out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
@@ -33,8 +34,9 @@ at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const 
   const float* sp = w_scale.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(M * kFp8BlockN);
+    TileScope tiles;
     for (int64_t nb = begin; nb < end; ++nb) {
-      block_fp8_gemm(vbmi, M, xp, K, wp + nb * K * kFp8BlockN, K / 2, group / 2, sp + nb * groups * kFp8BlockN, y.data());
+      block_fp8_gemm(vbmi, amx, M, xp, K, wp + nb * K * kFp8BlockN, K / 2, group / 2, sp + nb * groups * kFp8BlockN, y.data());
       if (float_out)
         write_rows(y, M, N, nb, bp, out.data_ptr<float>());
       else
@@ -48,10 +50,11 @@ at::Tensor fp8_linear_impl(const at::Tensor& x, const at::Tensor& packed, const 
 
 // x [M, K] contiguous (K even), bfloat16 (AVX512-BF16 CPUs only) or float32; packed uint8 [N/16, K*16];
 // w_scale float32 [N/16, G, 16] (each column's weight scale per group of `group` k, G = ceil(K/group));
-// bias [N] or None; `vbmi`: packed with pack_fp8(..., vbmi=True) for the table-lookup variant. Returns
-// [M, N] in bfloat16, or float32 when `float_out` (a float32 model keeps its float32 sums).
+// bias [N] or None; `vbmi`: packed with pack_fp8(..., vbmi=True) for the table-lookup variant; `amx`:
+// calls of enough bfloat16 rows run on AMX tiles. Returns [M, N] in bfloat16, or float32 when
+// `float_out` (a float32 model keeps its float32 sums).
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi) {
+                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi, bool amx) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   const int64_t K = x.size(1), blocks = packed.size(0), groups = (K + group - 1) / group;
   TORCH_CHECK(K % 2 == 0 && group % 2 == 0, "K and the scale group must be even");
@@ -61,9 +64,10 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
               packed.size(1) == K * kFp8BlockN, "packed must be e4m3 bytes packed by dsserve.plugins.cpu.packing");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
               w_scale.numel() == blocks * groups * kFp8BlockN, "w_scale must be float32 [N/16, groups, 16]");
+  TORCH_CHECK(!amx || amx_permitted(), "AMX kernels asked for, but this process may not use AMX");
   switch (x.scalar_type()) {
-    case at::kBFloat16: return fp8_linear_impl<at::BFloat16>(x, packed, w_scale, bias, group, float_out, vbmi);
-    case at::kFloat: return fp8_linear_impl<float>(x, packed, w_scale, bias, group, float_out, vbmi);
+    case at::kBFloat16: return fp8_linear_impl<at::BFloat16>(x, packed, w_scale, bias, group, float_out, vbmi, amx);
+    case at::kFloat: return fp8_linear_impl<float>(x, packed, w_scale, bias, group, float_out, vbmi, amx);
     default: TORCH_CHECK(false, "fp8_linear takes bfloat16 or float32 activations, not ", x.scalar_type());
   }
 }

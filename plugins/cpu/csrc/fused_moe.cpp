@@ -199,10 +199,11 @@ struct Fp8Experts {
   const float* scale;     // [E, blocks, groups, 16]
   int64_t blocks, K, group;
   bool vbmi;  // packed for the table-lookup variant
+  bool amx;   // calls of enough rows on AMX tiles
   int64_t groups() const { return (K + group - 1) / group; }
   template <typename T>
   void gemm(int64_t e, int64_t b, int64_t rows, const T* x, float* y) const {
-    block_fp8_gemm(vbmi, rows, x, K, packed + (e * blocks + b) * K * kFp8BlockN, K / 2, group / 2,
+    block_fp8_gemm(vbmi, amx, rows, x, K, packed + (e * blocks + b) * K * kFp8BlockN, K / 2, group / 2,
                    scale + (e * blocks + b) * groups() * kFp8BlockN, y);
   }
 };
@@ -227,7 +228,7 @@ at::Tensor fused_moe_fp8_impl(const at::Tensor& hidden, const Fp8Experts& w13, c
 }
 
 Fp8Experts fp8_experts(const at::Tensor& packed, const at::Tensor& scale, int64_t K, int64_t group, bool vbmi,
-                       const char* what) {
+                       bool amx, const char* what) {
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
               packed.size(2) == K * kFp8BlockN, what, " must be e4m3 bytes packed by dsserve.plugins.cpu.packing for ",
               K, " input features");
@@ -236,7 +237,7 @@ Fp8Experts fp8_experts(const at::Tensor& packed, const at::Tensor& scale, int64_
               scale.numel() == packed.size(0) * packed.size(1) * ((K + group - 1) / group) * kFp8BlockN, what,
               "'s scale must be float32 [E, blocks, groups, 16]");
   TORCH_CHECK(!vbmi || (K % 4 == 0 && group % 4 == 0), what, ": the VBMI packing needs K and the group multiples of 4");
-  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), packed.size(1), K, group, vbmi};
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), packed.size(1), K, group, vbmi, amx};
 }
 
 Int8Experts int8_experts(const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& scale, int64_t K,
@@ -283,17 +284,18 @@ at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const
 // hidden [T, D], bfloat16 (AVX512-BF16 CPUs only) or float32; w13 (gate blocks, then up blocks) and w2
 // as e4m3 bytes packed per expert
 // ([E, 2I/16, D*16], [E, D/16, I*16]) with per-column scales [E, blocks, groups, 16] per group of
-// `group` k (`vbmi`: packed for the table-lookup variant). Returns [T, D] float32 (the sums; a float32
-// model keeps them).
+// `group` k (`vbmi`: packed for the table-lookup variant; `amx`: experts with enough rows on AMX tiles).
+// Returns [T, D] float32 (the sums; a float32 model keeps them).
 at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_scale,
                          const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
-                         const at::Tensor& topk_ids, int64_t group, bool vbmi) {
+                         const at::Tensor& topk_ids, int64_t group, bool vbmi, bool amx) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [T, D] tensor");
   const int64_t D = hidden.size(1), E = w13.size(0), I = w13.size(1) / 2 * kFp8BlockN;
   TORCH_CHECK(w2.size(0) == E && w2.size(1) * kFp8BlockN == D, "w2 does not match hidden_size ", D);
   TORCH_CHECK(!vbmi || hidden.scalar_type() == at::kBFloat16, "the VBMI variant takes bfloat16 hidden states");
-  const auto p13 = fp8_experts(w13, w13_scale, D, group, vbmi, "w13");
-  const auto p2 = fp8_experts(w2, w2_scale, I, group, vbmi, "w2");
+  TORCH_CHECK(!amx || amx_permitted(), "AMX kernels asked for, but this process may not use AMX");
+  const auto p13 = fp8_experts(w13, w13_scale, D, group, vbmi, amx, "w13");
+  const auto p2 = fp8_experts(w2, w2_scale, I, group, vbmi, amx, "w2");
   const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
   switch (hidden.scalar_type()) {
     case at::kBFloat16: return fused_moe_fp8_impl<at::BFloat16>(hidden, p13, p2, E, weights, ids);

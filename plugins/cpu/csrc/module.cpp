@@ -10,9 +10,9 @@ at::Tensor fused_moe_int8(const at::Tensor& hidden, const at::Tensor& w13, const
                           int64_t group1, int64_t group2, int64_t isa);
 at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w13_scale,
                          const at::Tensor& w2, const at::Tensor& w2_scale, const at::Tensor& topk_weights,
-                         const at::Tensor& topk_ids, int64_t group, bool vbmi);
+                         const at::Tensor& topk_ids, int64_t group, bool vbmi, bool amx);
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi);
+                      const c10::optional<at::Tensor>& bias, int64_t group, bool float_out, bool vbmi, bool amx);
 std::vector<at::Tensor> route(const at::Tensor& logits, const at::Tensor& bias, int64_t scoring, int64_t method,
                               int64_t n_group, int64_t topk_group, int64_t top_k, bool norm, double scaling);
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& page_table,
