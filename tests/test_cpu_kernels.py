@@ -189,7 +189,7 @@ def test_packed_linear_matches_the_reference(isa, dtype, rows, out_features, in_
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_mla_absorption_matches_bmm(isa, dtype, batch):
     """absorb_query / expand_output on the packed per-head weights equal the contract's default
-    (torch.bmm), and extend gets the weights back unpacked."""
+    (torch.bmm)."""
     from dsserve.core.backends import AttentionSpec, MLAAttentionBackend
     from dsserve.plugins.cpu.attention import CpuMLAAttention
 

@@ -50,6 +50,31 @@ Grouping group_by_expert(const at::Tensor& topk_ids, const at::Tensor& topk_weig
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// act[m * ld + j] = silu(gate[m][j]) * up[m][j] for `rows` rows of 16, rounded once to A. On AVX-512
+// the exponential is exp16's polynomial (relative error ~1e-7): a scalar expf per element had cost
+// more than the GEMMs of a 512-token prefill's experts.
+__attribute__((target("avx512f"))) inline void silu_mul_avx512(const float* gate, const float* up, int64_t rows,
+                                                               float* act) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m512 g = _mm512_loadu_ps(gate + m * kBlockN);
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(act + m * kBlockN, _mm512_mul_ps(s, _mm512_loadu_ps(up + m * kBlockN)));
+  }
+}
+
+template <typename A>
+void silu_and_mul(const float* gate, const float* up, int64_t rows, A* act, int64_t ld, float* scratch) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) {
+    silu_mul_avx512(gate, up, rows, scratch);
+  } else {
+    for (int64_t i = 0; i < rows * kBlockN; ++i) scratch[i] = silu(gate[i]) * up[i];
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    for (int j = 0; j < kBlockN; ++j) act[m * ld + j] = static_cast<A>(scratch[m * kBlockN + j]);
+}
+
 // The most pairs any expert has: the size of the per-thread block buffers.
 int64_t most_pairs(const Grouping& g) {
   int64_t most = 0;
@@ -63,16 +88,14 @@ template <typename A, typename GateUp>
 void gate_up_phase(const Grouping& g, int64_t inter_blocks, int64_t I, A* act, const GateUp& gate_up) {
   const int64_t E = static_cast<int64_t>(g.offsets.size()) - 1, most = most_pairs(g);
   at::parallel_for(0, inter_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(most * kBlockN), up(most * kBlockN);
+    std::vector<float> gate(most * kBlockN), up(most * kBlockN), scratch(most * kBlockN);
     TileScope tiles;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t p = g.offsets[e], rows = g.offsets[e + 1] - p;
       if (rows == 0) continue;
       for (int64_t b = begin; b < end; ++b) {
         gate_up(e, b, p, rows, gate.data(), up.data());
-        for (int64_t m = 0; m < rows; ++m)
-          for (int j = 0; j < kBlockN; ++j)
-            act[(p + m) * I + b * kBlockN + j] = static_cast<A>(silu(gate[m * kBlockN + j]) * up[m * kBlockN + j]);
+        silu_and_mul(gate.data(), up.data(), rows, act + p * I + b * kBlockN, I, scratch.data());
       }
     }
   });

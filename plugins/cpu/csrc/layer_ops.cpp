@@ -35,24 +35,21 @@ inline void store(at::BFloat16* p, int64_t i, float v) {
 
 // out = x * rsqrt(mean(x^2) + eps) * w; with res: res = x + res (rounded to T) first and the norm
 // of that, as `x = x + f(x); norm(x)` computes it unfused.
+// (The sum and the squares are two loops: one loop storing res and reading it back does not vectorize,
+// 512 rows of 1024 took 727 against 140 us without the residual.)
 template <typename T>
-DSSERVE_CLONES void norm_row(const T* x, T* res, const T* w, T* out, int64_t D, float eps) {
-  float ss = 0.0f;
+DSSERVE_CLONES void norm_row(const T* __restrict__ x, T* __restrict__ res, const T* w, T* out, int64_t D, float eps) {
   if (res) {
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < D; ++i) {
-      store(res, i, load(x, i) + load(res, i));
-      const float v = load(res, i);
-      ss += v * v;
-    }
-    x = res;
-  } else {
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < D; ++i) ss += load(x, i) * load(x, i);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) store(res, i, load(x, i) + load(res, i));
   }
+  const T* src = res ? res : x;
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < D; ++i) ss += load(src, i) * load(src, i);
   const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
 #pragma omp simd
-  for (int64_t i = 0; i < D; ++i) store(out, i, load(x, i) * inv * load(w, i));
+  for (int64_t i = 0; i < D; ++i) store(out, i, load(src, i) * inv * load(w, i));
 }
 
 template <typename T>

@@ -94,19 +94,6 @@ struct Partial {  // one (sequence, chunk)'s softmax state for every head
 
 // ------------------------------------------------------------------- AVX512-BF16 dot products
 
-// exp of 16 floats: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p Taylor to r^6 (relative error
-// ~1e-7); inputs below -87 give ~1e-38 (a -inf max difference: the first block's `keep`).
-__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
 // o[j * 16 .. +16] (NJ vectors of 16 latent columns) = o * keep + sum over token pairs of
 // (p[2i], p[2i+1]) . (rows 2i, 2i+1 of the block, interleaved: rp[i][l][2]).
 template <int NJ>
