@@ -245,6 +245,8 @@ class MoESpec:
     quant / weight_block_size: the experts' weight format, as `LinearSpec`'s ("none" or a
     `dsserve.core.quant.FORMATS` name); quantized experts reach the backend as stored (see
     `MoEBackend.compute_experts`).
+    batch_invariant (--enable-deterministic-inference): a token's output must be the same bits
+    whatever other tokens share its experts in the call.
     """
 
     num_experts: int
@@ -260,6 +262,7 @@ class MoESpec:
     dtype: torch.dtype
     quant: str = "none"
     weight_block_size: tuple[int, int] | None = None
+    batch_invariant: bool = False
 
 
 class MoEBackend(ABC):

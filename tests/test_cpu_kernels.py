@@ -499,3 +499,36 @@ def test_packable_linear_layers_take_the_block_gemm_and_the_rest_onednn():
     assert served(LinearSpec(64, 32, False, torch.bfloat16))
     assert not served(LinearSpec(64, 40, False, torch.bfloat16))  # 40 outputs: not whole blocks of 16
     assert not served(LinearSpec(64, 32, False, torch.bfloat16, quant="int8_channel"))
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
+def test_a_rows_bits_do_not_depend_on_the_other_rows(isa):
+    """--enable-deterministic-inference: each row of a bfloat16 packed linear layer, fused-MoE call and
+    FP8 layer (batch_invariant) is the same bits alone as among 37 rows (two AMX tiles of rows and a
+    tail, several vector tiles)."""
+    from dsserve.core.backends import LinearSpec
+    from dsserve.core.quant import weight_format
+    from dsserve.plugins.cpu.fp8_linear import CpuFp8Linear, activation_dtype
+    from dsserve.plugins.cpu.linear import CpuPackedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 256, generator=gen).to(torch.bfloat16)
+    w = torch.randn(64, 256, generator=gen) * 0.05
+    layers = [(CpuPackedLinear(LinearSpec(256, 64, False, torch.bfloat16, batch_invariant=True),
+                               native.kernels(), isa), {"weight": w.to(torch.bfloat16)})]
+    if activation_dtype(isa) == torch.bfloat16:
+        spec = LinearSpec(256, 64, False, torch.bfloat16, "fp8_block", (32, 64), batch_invariant=True)
+        layers.append((CpuFp8Linear(spec, native.kernels(), isa), weight_format("fp8_block", (32, 64)).quantize(w)))
+    for method, stored in layers:
+        params = method.process_weights_after_loading(dict(stored))
+        whole = method.apply(params, x)
+        for m in (0, 5, 36):
+            assert torch.equal(method.apply(params, x[m:m + 1])[0], whole[m]), (type(method).__name__, m)
+    xs, w13, w2, ids, weights = _case(37, 4, 2, 64, 32, torch.bfloat16, seed=4)  # expert 0 gets most tokens
+    spec = MoESpec(4, 2, 64, 32, "sigmoid", "greedy", 1, 1, True, 1.0, torch.bfloat16, batch_invariant=True)
+    backend = CpuFusedMoE(spec, native.kernels(), isa)
+    p13, p2 = backend.process_weights_after_loading(w13, w2)
+    whole = backend.compute_experts(xs, weights, ids, p13, p2)
+    for m in (0, 5, 36):
+        alone = backend.compute_experts(xs[m:m + 1], weights[m:m + 1], ids[m:m + 1], p13, p2)
+        assert torch.equal(alone[0], whole[m]), m

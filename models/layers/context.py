@@ -31,7 +31,7 @@ class LayerContext:
     page_size: int | None = None
     kv_cache_dtype: torch.dtype | None = None  # None: the compute dtype (`cache_dtype`)
     expert_parallel: bool = False  # routed experts split by expert over the tensor-parallel ranks
-    batch_invariant: bool = False  # --enable-deterministic-inference: the specs ask for it (LinearSpec)
+    batch_invariant: bool = False  # --enable-deterministic-inference: the specs ask for it (LinearSpec, MoESpec)
     _attention: dict = field(default_factory=dict)
     _ops: LayerOps | None = None
 

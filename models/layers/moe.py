@@ -42,7 +42,8 @@ class RoutedExperts(CheckpointModule):
                                                                      "moe_intermediate_size"), 0, E
         fmt = ctx.quant.format
         self.spec = spec = MoESpec(**{**spec.__dict__, "intermediate_size": inter, "quant": fmt,
-                                      "weight_block_size": ctx.quant.block if fmt != "none" else None})
+                                      "weight_block_size": ctx.quant.block if fmt != "none" else None,
+                                      "batch_invariant": ctx.batch_invariant})
         self.ctx = ctx
         self.backend = ctx.moe_backend(spec)
         self.format = weight_format(fmt, ctx.quant.block) if fmt != "none" else None

@@ -4,7 +4,7 @@
 The weights stay e4m3 (1 byte each: V3/R1 need half the memory of a bfloat16 copy) and are widened in
 registers, block column by block column, with the block's scale applied to each column's float32 sum:
 to bfloat16 for vdpbf16ps on bfloat16 activations where the CPU has AVX512-BF16 (on AMX CPUs, calls of
-4 rows or more widen each block once and run on the tiles), to float32 for FMAs on float32
+6 rows or more widen each block once and run on the tiles), to float32 for FMAs on float32
 activations elsewhere (AVX2). Activations are not rounded to 8 bits: no CPU has FP8
 arithmetic, so the W8A8 rounding of the GPU kernels (and of the reference, which follows them) would
 only cost accuracy here; the result is closer to the dequantised weight's product than the reference's.
@@ -39,6 +39,13 @@ def activation_dtype(isa: Isa) -> torch.dtype:
     return torch.bfloat16 if isa >= Isa.AVX512_BF16 else torch.float32
 
 
+def uses_tiles(spec: LinearSpec | MoESpec, isa: Isa) -> bool:
+    """Whether calls of enough rows run on AMX tiles: not where a row's bits must not depend on the
+    other rows of the call (the tiles sum a scale group in another order than the vector kernel that
+    serves a few rows)."""
+    return isa is Isa.AMX_BF16 and not spec.batch_invariant
+
+
 def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
     """Block scales [..., N/bn, G] -> per block of 16 columns, per group, per column: [..., N/16, G, 16]."""
     per_column = scale.float().repeat_interleave(bn, -2)[..., :n, :]  # [..., N, G]
@@ -49,7 +56,7 @@ def column_scales(scale: torch.Tensor, bn: int, n: int) -> torch.Tensor:
 class CpuFp8Linear(QuantizedWeights):
     def __init__(self, spec: LinearSpec, kernels, isa: Isa, vbmi: bool = False):
         super().__init__(spec)
-        self.kernels, self.act_dtype, self.amx = kernels, activation_dtype(isa), isa is Isa.AMX_BF16
+        self.kernels, self.act_dtype, self.amx = kernels, activation_dtype(isa), uses_tiles(spec, isa)
         # the table-lookup widening, where the CPU has it and the shapes allow it
         self.vbmi = vbmi and self.act_dtype == torch.bfloat16 and spec.in_features % 4 == 0 and self.format.block[1] % 4 == 0
 

@@ -8,7 +8,7 @@ from dsserve.core.backends import MoESpec
 from dsserve.core.reference import ReferenceMoE
 
 from . import native
-from .fp8_linear import activation_dtype, column_scales
+from .fp8_linear import activation_dtype, column_scales, uses_tiles
 from .fp8_linear import unsupported as fp8_unsupported
 from .int8_linear import FORMATS as INT8_FORMATS
 from .int8_linear import activation_group, pack_w8a8, scale_name
@@ -106,7 +106,7 @@ class CpuFp8MoE(CpuRoutedMoE):
 
     def __init__(self, spec: MoESpec, kernels, isa: native.Isa, vbmi: bool = False):
         super().__init__(spec, kernels)
-        self.act_dtype, self.amx = activation_dtype(isa), isa is native.Isa.AMX_BF16
+        self.act_dtype, self.amx = activation_dtype(isa), uses_tiles(spec, isa)
         self.vbmi = (vbmi and self.act_dtype == torch.bfloat16 and spec.hidden_size % 4 == 0
                      and spec.intermediate_size % 4 == 0 and self.format.block[1] % 4 == 0)
 
