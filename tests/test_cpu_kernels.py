@@ -157,10 +157,11 @@ def test_mla_decode_matches_the_reference(isa, dtype, lens, page_size, chunk_tok
 @pytest.mark.parametrize("isa", [_isa_param(i) for i in RUNNABLE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
-    (1, 48, 64, False), (9, 32, 600, True), (37, 80, 34, False), (0, 16, 16, True),
+    (1, 48, 64, False), (9, 32, 600, True), (37, 80, 34, False), (0, 16, 16, True), (70, 48, 600, False),
 ])
 def test_packed_linear_matches_the_reference(isa, dtype, rows, out_features, in_features, bias):
-    """An odd count of 16-column blocks (the last pair has one), K past one 256-wide chunk, a bias."""
+    """An odd count of 16-column blocks (the last pair has one), K past one 256-wide chunk (with many
+    rows: the sums stored and reloaded between chunks), a bias."""
     from dsserve.core.backends import LinearSpec
     from dsserve.plugins.cpu.linear import CpuPackedLinear
 

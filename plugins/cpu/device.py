@@ -271,7 +271,8 @@ class CpuDevice(Device):
 
         kernels, int8 = isa(), int8_isa()
         text = (f"cpu: {cpu_model()}, {usable_cores()} usable cores; {self.dtype_reason()}; C++ kernels "
-                + (f"{kernels.name} variant (MLA decode, fused MoE, linear, RMSNorm, RoPE; fp8 weight-only widened to "
+                + (f"{kernels.name} variant (MLA decode, fused MoE, linear, RMSNorm, RoPE"
+                   f"{'; linear layers and experts on AMX tiles' if kernels >= Isa.AMX_BF16 else ''}; fp8 weight-only widened to "
                    f"{'bfloat16' if kernels >= Isa.AVX512_BF16 else 'float32'}"
                    f"{' by VBMI lookups' if fp8_vbmi() else ''}), {int8.name} for int8 W8A8 (linear, fused MoE)"
                    if kernels is not None else "unused (no AVX2/FMA)"))
