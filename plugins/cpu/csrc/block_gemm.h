@@ -28,15 +28,10 @@ namespace dsserve_cpu {
 
 constexpr int64_t kBlockN = 16;
 constexpr int kMaxRows = 8;
-// How far ahead the vdpbf16ps loops prefetch the weights they stream.
-constexpr int64_t kPrefetchBytes = 2048;
 
 enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmxBf16 = 3 };
 
-// A kernel asked for AMX in a process that was not granted the tile state would die of SIGILL.
-inline void check_isa(int64_t isa) {
-  TORCH_CHECK(isa != kAmxBf16 || amx_permitted(), "AMX kernels asked for, but this process may not use AMX");
-}
+inline void check_isa(int64_t isa) { check_amx(isa == kAmxBf16); }
 
 inline float bf16_to_float(at::BFloat16 v) { return static_cast<float>(v); }
 

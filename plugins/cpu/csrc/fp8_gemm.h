@@ -21,8 +21,6 @@
 namespace dsserve_cpu {
 
 constexpr int64_t kFp8BlockN = 16;
-// How far ahead the vector kernels prefetch the weights they stream.
-constexpr int64_t kFp8PrefetchBytes = 2048;
 
 // 32 e4m3fn bytes -> 32 bfloat16. Normal numbers (exponent field e > 0) move their exponent from bias
 // 7 to bias 127 (+120) and their 3 mantissa bits to the top of bfloat16's 7; subnormals (m x 2^-9) come
@@ -57,7 +55,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_fp8_dpbf16(
     __m512 a[ROWS];
     for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_ps();
     for (int64_t kk = k0; kk < k1; ++kk) {
-      if (kk % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kFp8PrefetchBytes, _MM_HINT_T0);
+      if (kk % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i wv = e4m3_to_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk * 32)));
       for (int m = 0; m < ROWS; ++m) a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)wv);
     }
@@ -93,13 +91,30 @@ inline const E4m3ByteTables& e4m3_byte_tables() {
   return tables;
 }
 
+// The tables in registers, and one 64-byte chunk of a VBMI-packed block widened to its two vdpbf16ps
+// operands (k pairs kk and kk + 1).
+struct VbmiWidener {
+  __m512i lo0, lo1, hi0, hi1, sign;
+};
+
+__attribute__((target("avx512f,avx512bw"))) inline VbmiWidener vbmi_widener() {
+  const E4m3ByteTables& t = e4m3_byte_tables();
+  return {_mm512_load_si512(t.lo), _mm512_load_si512(t.lo + 64), _mm512_load_si512(t.hi),
+          _mm512_load_si512(t.hi + 64), _mm512_set1_epi8(static_cast<char>(0x80))};
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void vbmi_widen(const VbmiWidener& v, __m512i b,
+                                                                              __m512i& w0, __m512i& w1) {
+  const __m512i lo = _mm512_permutex2var_epi8(v.lo0, b, v.lo1);
+  const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(v.hi0, b, v.hi1), _mm512_and_si512(b, v.sign));
+  w0 = _mm512_unpacklo_epi8(lo, hi);
+  w1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
 template <int ROWS>
 __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi"))) void tile_fp8_vbmi(
     const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K2, int64_t group2, const float* ws, float* y) {
-  const E4m3ByteTables& t = e4m3_byte_tables();
-  const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
-  const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const VbmiWidener widener = vbmi_widener();
   __m512 out[ROWS];
   const int32_t* xp[ROWS];
   for (int m = 0; m < ROWS; ++m) {
@@ -111,11 +126,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi"))) void tile_fp8_
     __m512 a[ROWS];
     for (int m = 0; m < ROWS; ++m) a[m] = _mm512_setzero_ps();
     for (int64_t kk = k0; kk < k1; kk += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kFp8PrefetchBytes, _MM_HINT_T0);
-      const __m512i b = _mm512_loadu_si512(w + kk * 32);
-      const __m512i lo = _mm512_permutex2var_epi8(lo0, b, lo1);
-      const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, b, hi1), _mm512_and_si512(b, sign));
-      const __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
+      _mm_prefetch(reinterpret_cast<const char*>(w + kk * 32) + kPrefetchBytes, _MM_HINT_T0);
+      __m512i w0, w1;
+      vbmi_widen(widener, _mm512_loadu_si512(w + kk * 32), w0, w1);
       for (int m = 0; m < ROWS; ++m) {
         a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_set1_epi32(xp[m][kk]), (__m512bh)w0);
         a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_set1_epi32(xp[m][kk + 1]), (__m512bh)w1);
@@ -152,16 +165,12 @@ __attribute__((target("avx512f,avx512bw"))) inline void widen_block(const uint8_
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void widen_block_vbmi(const uint8_t* w, int64_t K2,
                                                                                      at::BFloat16* out) {
-  const E4m3ByteTables& t = e4m3_byte_tables();
-  const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
-  const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const VbmiWidener widener = vbmi_widener();
   for (int64_t kk = 0; kk < K2; kk += 2) {
-    const __m512i b = _mm512_loadu_si512(w + kk * 32);
-    const __m512i lo = _mm512_permutex2var_epi8(lo0, b, lo1);
-    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, b, hi1), _mm512_and_si512(b, sign));
-    _mm512_storeu_si512(out + kk * 32, _mm512_unpacklo_epi8(lo, hi));
-    _mm512_storeu_si512(out + (kk + 1) * 32, _mm512_unpackhi_epi8(lo, hi));
+    __m512i w0, w1;
+    vbmi_widen(widener, _mm512_loadu_si512(w + kk * 32), w0, w1);
+    _mm512_storeu_si512(out + kk * 32, w0);
+    _mm512_storeu_si512(out + (kk + 1) * 32, w1);
   }
 }
 

@@ -64,7 +64,7 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
               packed.size(1) == K * kFp8BlockN, "packed must be e4m3 bytes packed by dsserve.plugins.cpu.packing");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
               w_scale.numel() == blocks * groups * kFp8BlockN, "w_scale must be float32 [N/16, groups, 16]");
-  TORCH_CHECK(!amx || amx_permitted(), "AMX kernels asked for, but this process may not use AMX");
+  check_amx(amx);
   switch (x.scalar_type()) {
     case at::kBFloat16: return fp8_linear_impl<at::BFloat16>(x, packed, w_scale, bias, group, float_out, vbmi, amx);
     case at::kFloat: return fp8_linear_impl<float>(x, packed, w_scale, bias, group, float_out, vbmi, amx);

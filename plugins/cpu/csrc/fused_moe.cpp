@@ -316,7 +316,7 @@ at::Tensor fused_moe_fp8(const at::Tensor& hidden, const at::Tensor& w13, const 
   const int64_t D = hidden.size(1), E = w13.size(0), I = w13.size(1) / 2 * kFp8BlockN;
   TORCH_CHECK(w2.size(0) == E && w2.size(1) * kFp8BlockN == D, "w2 does not match hidden_size ", D);
   TORCH_CHECK(!vbmi || hidden.scalar_type() == at::kBFloat16, "the VBMI variant takes bfloat16 hidden states");
-  TORCH_CHECK(!amx || amx_permitted(), "AMX kernels asked for, but this process may not use AMX");
+  check_amx(amx);
   const auto p13 = fp8_experts(w13, w13_scale, D, group, vbmi, amx, "w13");
   const auto p2 = fp8_experts(w2, w2_scale, I, group, vbmi, amx, "w2");
   const at::Tensor ids = topk_ids.contiguous(), weights = topk_weights.to(at::kFloat).contiguous();
