@@ -16,6 +16,11 @@ from server_util import first_token_stops, running_server
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "st")
 MAX_EXAMPLES = 6       # per operation, for the fuzzing phase; the coverage phase adds its own cases
+# One schemathesis worker: with two, both threads reach ast.parse (hypothesis describes lambdas from
+# their source), and CPython 3.11 keeps the AST constructor's recursion depth per interpreter, not per
+# thread, which is the likely cause of "SystemError: AST constructor recursion depth mismatch" that
+# failed this test in 2 of 4 full-suite runs on a loaded machine (it passed alone; same run time).
+WORKERS = 1
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def url():
 def test_the_server_answers_as_its_openapi_document_says(url, tmp_path):
     run = subprocess.run(
         [SCHEMATHESIS, "run", url + "/openapi.json", "--seed", "1", "--max-examples", str(MAX_EXAMPLES),
-         "--workers", "2", "--generation-database", "none", "--exclude-checks", "positive_data_acceptance",
+         "--workers", str(WORKERS), "--generation-database", "none", "--exclude-checks", "positive_data_acceptance",
          "--request-timeout", "60", "--no-color", "--output-sanitize", "false"],
         capture_output=True, text=True, timeout=540, cwd=tmp_path)     # its caches land there
     summary = run.stdout[-30000:]
